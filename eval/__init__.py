@@ -1,0 +1,1 @@
+"""Measurement: entity extraction quality now; retrieval, drafting and speed benchmarks later."""

@@ -1,0 +1,1 @@
+"""medrag's offline side: sources -> manifest -> decode -> encode -> versioned index."""

@@ -1,0 +1,86 @@
+"""Load any supported image (PNG, JPEG, DICOM) from a path or bytes into one array format.
+
+Every encoder receives float32 (H, W) grayscale in [0, 1]: radiographs are grayscale, and one
+format means the encoders never see file types. The format is sniffed from content, never from
+the file name, so a renamed file or a hostile upload cannot pick a decoder.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from indexer.dicom import DicomDecodeError, decode_dicom, is_dicom
+
+MAX_SIDE = 16384  # refuse decompression bombs before decoding
+MIN_SIDE = 8
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be loaded; the message names the file and the reason."""
+
+
+def sniff(head: bytes) -> str | None:
+    """'png', 'jpeg', 'dicom' or None, from the first bytes of a file."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if is_dicom(head):
+        return "dicom"
+    return None
+
+
+def load_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` into float32 (H, W) in [0, 1].
+
+    Raises:
+        ImageLoadError: missing file, unknown format, corrupt data, or sizes out of bounds.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageLoadError(f"{label}: file not found") from exc
+        except OSError as exc:
+            raise ImageLoadError(f"{label}: cannot read ({exc.strerror})") from exc
+    kind = sniff(data[:132])
+    if kind is None:
+        raise ImageLoadError(f"{label}: not a PNG, JPEG or DICOM file")
+    if kind == "dicom":
+        try:
+            arr = decode_dicom(data, name=label).pixels
+        except DicomDecodeError as exc:
+            raise ImageLoadError(str(exc)) from exc
+    else:
+        arr = _load_raster(data, label)
+    h, w = arr.shape
+    if min(h, w) < MIN_SIDE:
+        raise ImageLoadError(f"{label}: image too small ({w}x{h})")
+    return arr
+
+
+def _load_raster(data: bytes, label: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) > MAX_SIDE:
+                raise ImageLoadError(f"{label}: image {im.size[0]}x{im.size[1]} exceeds {MAX_SIDE} px")
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+                return arr.astype(np.float32)
+            gray = im.convert("L")
+            return np.asarray(gray, dtype=np.float32) / 255.0
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{label}: corrupt image ({exc})") from exc

@@ -1,0 +1,100 @@
+"""The manifest: JSON Lines, one study per line, the one format every source converts to.
+
+``{"study_id", "patient_id", "study_date" (YYYY-MM-DD|null), "modality", "images": [paths],
+"report": text|null, "view": [...]?}``. Relative image paths resolve against the manifest's
+own directory, so a manifest and its images can move together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+
+
+class Study(msgspec.Struct, frozen=True, omit_defaults=True):
+    study_id: str
+    images: list[str] = []
+    report: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
+    modality: str | None = None
+    view: list[str] | None = None
+
+
+class ManifestError(ValueError):
+    """A manifest line that is not a valid study; names file and line."""
+
+
+def _validate(study: Study, where: str) -> Study:
+    if not study.study_id.strip():
+        raise ManifestError(f"{where}: empty study_id")
+    if study.study_date is not None:
+        try:
+            dt.date.fromisoformat(study.study_date)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: study_date {study.study_date!r} is not YYYY-MM-DD") from exc
+    for img in study.images:
+        if not img or "\x00" in img:
+            raise ManifestError(f"{where}: invalid image path {img!r}")
+    return study
+
+
+def read_manifest(path: str | Path, errors: list[str] | None = None) -> Iterator[Study]:
+    """Yield studies; with ``errors`` given, bad lines are reported there and skipped."""
+    dec = msgspec.json.Decoder(Study)
+    seen: set[str] = set()
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                study = _validate(dec.decode(line), where)
+                if study.study_id in seen:
+                    raise ManifestError(f"{where}: duplicate study_id {study.study_id!r}")
+                seen.add(study.study_id)
+            except (msgspec.DecodeError, msgspec.ValidationError, ManifestError) as exc:
+                msg = str(exc) if isinstance(exc, ManifestError) else f"{where}: {exc}"
+                if errors is None:
+                    raise ManifestError(msg) from exc
+                errors.append(msg)
+                continue
+            yield study
+
+
+def write_manifest(path: str | Path, studies: Iterable[Study]) -> int:
+    """Write atomically (temp file + rename); returns the number of studies written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for s in studies:
+                fh.write(msgspec.json.encode(s) + b"\n")
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def resolve_image(manifest_path: str | Path, image: str) -> Path:
+    p = Path(image)
+    return p if p.is_absolute() else Path(manifest_path).resolve().parent / p
+
+
+def relative_to_manifest(manifest_path: str | Path, image: Path) -> str:
+    base = Path(manifest_path).resolve().parent
+    try:
+        return str(image.resolve().relative_to(base))
+    except ValueError:
+        return str(image.resolve())

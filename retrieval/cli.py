@@ -1,0 +1,221 @@
+"""``medrag``: one console script whose verbs mirror the jobs.
+
+    medrag index manifest {folder,r2gen,dicom} ...   write a manifest from what you have
+    medrag index build MANIFEST --index URI ...      encode and publish an index version
+    medrag index info --index URI                    what an index holds
+    medrag search --index URI (--image F | --study ID | --text T) [--anatomy A] [--finding F]
+
+User errors (unknown anatomy, missing file, wrong index) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pydicom reports every slightly-off header value of real archives; medrag reports what it
+    # actually skips, file by file, instead.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    from indexer.images import ImageLoadError
+    from indexer.manifest import ManifestError
+    from retrieval.encoders import EncoderError
+    from retrieval.index import IndexError_
+    from retrieval.search import SearchError
+    from retrieval.taxonomy import UnknownTermError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UnknownTermError, ImageLoadError, ManifestError, EncoderError, IndexError_, SearchError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"medrag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medrag", description="medical image retrieval and report drafting")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    idx = sub.add_parser("index", help="offline index builds").add_subparsers(metavar="ACTION")
+    man = idx.add_parser("manifest", help="write a manifest from a source").add_subparsers(metavar="SOURCE")
+    m1 = man.add_parser("folder", help="PNG/JPEG folder + reports CSV")
+    m1.add_argument("folder")
+    m1.add_argument("--reports", required=True, help="CSV with study_id,report[,images,...]")
+    m1.add_argument("-o", "--out", required=True)
+    m1.set_defaults(func=_cmd_manifest_folder)
+    m2 = man.add_parser("r2gen", help="IU X-ray / MIMIC-CXR annotation.json (R2Gen layout)")
+    m2.add_argument("annotation")
+    m2.add_argument("--images-root", help="folder the image_path entries are relative to")
+    m2.add_argument("--splits", default="train,val,test")
+    m2.add_argument("--reports-only", action="store_true", help="keep studies without images")
+    m2.add_argument("-o", "--out", required=True)
+    m2.set_defaults(func=_cmd_manifest_r2gen)
+    m3 = man.add_parser("dicom", help="folder of DICOM files, grouped by StudyInstanceUID")
+    m3.add_argument("folder")
+    m3.add_argument("--reports", help="CSV with StudyInstanceUID or AccessionNumber, report")
+    m3.add_argument("-o", "--out", required=True)
+    m3.set_defaults(func=_cmd_manifest_dicom)
+
+    b = idx.add_parser("build", help="encode a manifest and publish an index version")
+    b.add_argument("manifest")
+    b.add_argument("--index", required=True, help="faiss:/dir | qdrant+local:/dir | http://host:6333/name")
+    b.add_argument("--encoder", default="pixels", help="image encoder family (see `medrag index encoders`)")
+    b.add_argument("--checkpoint", help="local weights directory for the image encoder")
+    b.add_argument("--text-encoder", default="minilm", help="report encoder family, or 'none'")
+    b.add_argument("--kind", choices=["flat", "hnsw", "ivf"], help="index structure (backend default if unset)")
+    b.add_argument("--conditioning", help="comma-separated anatomies to embed (default: taxonomy's list)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the build report as JSON")
+    b.set_defaults(func=_cmd_build)
+    info = idx.add_parser("info", help="describe a published index")
+    info.add_argument("--index", required=True)
+    info.set_defaults(func=_cmd_info)
+    enc = idx.add_parser("encoders", help="list encoder families")
+    enc.set_defaults(func=_cmd_encoders)
+
+    s = sub.add_parser("search", help="find similar cases")
+    s.add_argument("--index", required=True)
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", nargs="+", help="query image(s) of one study (PNG/JPEG/DICOM)")
+    what.add_argument("--study", help="id of a study already in the index")
+    what.add_argument("--text", help="free-text query")
+    s.add_argument("--reports", action="store_true", help="rank reports (image->report, text->report)")
+    s.add_argument("--anatomy", help='condition on an anatomy, e.g. "left lung"')
+    s.add_argument("--finding", help="only cases whose report states this finding (in --anatomy if given)")
+    s.add_argument("--include-uncertain", action="store_true", help="hedged findings pass --finding")
+    s.add_argument("--modality", action="append", help="restrict to modality (repeatable)")
+    s.add_argument("--exclude-patient", help="exclude this patient id's studies")
+    s.add_argument("--other-patients", action="store_true", help="with --study: skip the same patient")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_search)
+    return p
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def _finish_manifest(result, out: str) -> int:
+    from indexer.manifest import write_manifest
+
+    n = write_manifest(out, result.studies)
+    print(f"wrote {n} studies to {out}; skipped {len(result.skipped)}")
+    for s in result.skipped[:50]:
+        print(f"  skipped: {s}")
+    if len(result.skipped) > 50:
+        print(f"  ... and {len(result.skipped) - 50} more")
+    return 0 if n else EXIT_USAGE
+
+
+def _cmd_manifest_folder(a: argparse.Namespace) -> int:
+    from indexer.sources.folder import from_folder
+
+    return _finish_manifest(from_folder(a.folder, a.reports, a.out), a.out)
+
+
+def _cmd_manifest_r2gen(a: argparse.Namespace) -> int:
+    from indexer.sources.r2gen import from_r2gen
+
+    res = from_r2gen(a.annotation, a.images_root, a.out, tuple(a.splits.split(",")),
+                     require_images=not a.reports_only)
+    return _finish_manifest(res, a.out)
+
+
+def _cmd_manifest_dicom(a: argparse.Namespace) -> int:
+    from indexer.sources.dicom_folder import from_dicom_folder
+
+    return _finish_manifest(from_dicom_folder(a.folder, a.out, a.reports), a.out)
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from indexer.build import BuildConfig, build_index
+
+    cfg = BuildConfig(
+        encoder=a.encoder, checkpoint=a.checkpoint,
+        text_encoder=None if a.text_encoder in ("none", "") else a.text_encoder,
+        conditioning=tuple(x.strip() for x in a.conditioning.split(",")) if a.conditioning else None,
+        index_kind=a.kind, batch_size=a.batch_size, device=a.device)
+    if not Path(a.manifest).is_file():
+        raise FileNotFoundError(f"manifest {a.manifest} not found")
+    rep = build_index(a.manifest, a.index, cfg, progress=not a.no_progress)
+    if a.json:
+        print(json.dumps(asdict(rep), indent=1))
+        return 0
+    print(f"published {rep.uri} version {rep.version}: {rep.studies} studies, {rep.points} points "
+          f"({rep.images} images, {rep.reports} reports) in {rep.seconds:.1f}s; skipped {len(rep.skipped)}")
+    for s in rep.skipped[:50]:
+        print(f"  skipped: {s}")
+    return 0
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    import msgspec
+
+    from retrieval.index import open_index
+
+    ix = open_index(a.index)
+    print(json.dumps(msgspec.to_builtins(ix.meta), indent=1))
+    return 0
+
+
+def _cmd_encoders(a: argparse.Namespace) -> int:
+    from retrieval.encoders.registry import encoder_spec, list_encoders
+
+    for name in list_encoders():
+        spec = encoder_spec(name)
+        print(f"{name:14s} {'+'.join(spec.modalities):10s} {spec.doc}")
+    return 0
+
+
+def _cmd_search(a: argparse.Namespace) -> int:
+    from indexer.images import load_image
+    from retrieval.index import open_index
+    from retrieval.search import Query, Searcher
+
+    index = open_index(a.index)
+    searcher = Searcher.for_index(index, device=a.device, load_text=bool(a.text) or a.reports)
+    q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, include_uncertain=a.include_uncertain,
+              modality=tuple(a.modality) if a.modality else None, exclude_patient_id=a.exclude_patient)
+    if a.image:
+        images = [load_image(f) for f in a.image]
+        res = searcher.reports_by_image(images, q) if a.reports else searcher.by_image(images, q)
+    elif a.study:
+        res = searcher.by_study(a.study, q, same_patient=not a.other_patients)
+    else:
+        res = searcher.reports_by_text(a.text, q) if a.reports else searcher.by_text(a.text, q)
+    if a.json:
+        print(json.dumps(asdict(res), indent=1))
+        return 0
+    print(f"{res.mode} in space '{res.space}' (conditioning: {res.conditioning}); "
+          f"index {index.meta.backend} {index.meta.version}, {len(index)} points")
+    if not res.hits:
+        print("no matching cases")
+    for rank, h in enumerate(res.hits, 1):
+        print(f"{rank:2d}. {h.score:+.4f}  study {h.study_id}  {h.modality or '-'}  {h.study_date or ''}  "
+              f"{h.image or '(report only)'}")
+        if h.matched_entities:
+            print(f"      entities: {', '.join(h.matched_entities)}")
+        snippet = (h.report or "(no report)").replace("\n", " ")
+        print(textwrap.indent(textwrap.shorten(snippet, 160), "      "))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

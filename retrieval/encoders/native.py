@@ -1,0 +1,207 @@
+"""``medrag-native``: a small image tower with an anatomy-conditioned attention head (RadIR style).
+
+Why this shape: RadIR asks "similar *in this anatomy*", so one global vector per image is not
+enough. The tower turns an image into a grid of patch tokens; a learned query per anatomy
+(plus one for "whole image") attends over those tokens and is projected into the retrieval
+space. The same image therefore has one embedding per anatomy, and two images are close in
+"left lung" space when their left-lung evidence agrees, whatever their hearts look like.
+Training (multi-positive contrastive on report-mined similarity) is ``medrag train``; this
+module is the architecture, the checkpoint format and the embedding API.
+
+Checkpoint directory: ``config.json`` (``{"family": "medrag-native", "config": {...}}``) and
+``model.safetensors``. Written atomically: a half-written checkpoint is never loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.encoders.base import EncoderError, l2_normalise
+from retrieval.encoders.hf import _torch_device
+from retrieval.encoders.preprocess import resize
+from retrieval.taxonomy import default_taxonomy
+
+FAMILY = "medrag-native"
+GLOBAL = "<global>"
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    image_size: int = 128  # input side in pixels (grayscale, square)
+    widths: tuple[int, ...] = (32, 64, 128)  # conv stage widths; each stage halves the grid
+    token_dim: int = 128  # patch token width seen by the anatomy head
+    heads: int = 4  # attention heads of the anatomy head
+    embed_dim: int = 256  # retrieval embedding size
+    anatomies: tuple[str, ...] = field(  # conditioning vocabulary; index 0 is the global query
+        default_factory=lambda: (GLOBAL, *default_taxonomy().anatomies)
+    )
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // (2 ** (len(self.widths) + 1))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> NativeConfig:
+        raw = dict(raw)
+        raw["widths"] = tuple(raw["widths"])
+        raw["anatomies"] = tuple(raw["anatomies"])
+        return cls(**raw)
+
+
+def build_model(cfg: NativeConfig):  # -> torch.nn.Module
+    import torch
+    from torch import nn
+
+    if cfg.grid < 1:
+        raise ValueError(f"image_size {cfg.image_size} too small for {len(cfg.widths)} stages")
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+        )
+
+    class AnatomyConditionedNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = cfg.widths
+            self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False),
+                                      nn.BatchNorm2d(w[0]), nn.GELU())
+            self.stages = nn.Sequential(*[block(a, b) for a, b in zip((w[0], *w[:-1]), w, strict=True)])
+            self.to_tokens = nn.Conv2d(w[-1], cfg.token_dim, 1)
+            self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.token_dim) * 0.02)
+            self.queries = nn.Embedding(len(cfg.anatomies), cfg.token_dim)
+            self.attn = nn.MultiheadAttention(cfg.token_dim, cfg.heads, batch_first=True)
+            self.norm = nn.LayerNorm(cfg.token_dim)
+            self.head = nn.Linear(cfg.token_dim, cfg.embed_dim)
+
+        def tokens(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.to_tokens(self.stages(self.stem(x)))
+            return f.flatten(2).transpose(1, 2) + self.pos
+
+        def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
+            tok = self.tokens(x)
+            q = self.queries(anatomy_idx).unsqueeze(1)
+            pooled, _ = self.attn(q, tok, tok, need_weights=False)
+            z = self.head(self.norm(pooled.squeeze(1) + q.squeeze(1)))
+            return torch.nn.functional.normalize(z, dim=-1)
+
+    return AnatomyConditionedNet()
+
+
+class NativeEncoder:
+    name = FAMILY
+
+    def __init__(self, cfg: NativeConfig, model, device: str = "cpu", checkpoint: Path | None = None) -> None:
+        self.cfg = cfg
+        self.device = _torch_device(device)
+        self.model = model.to(self.device).eval()
+        self.checkpoint = checkpoint
+        self.dim = cfg.embed_dim
+        self._index = {a: i for i, a in enumerate(cfg.anatomies)}
+        self.tax = default_taxonomy()
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "cpu") -> NativeEncoder:
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint)
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise EncoderError(f"{FAMILY}: {path} is not a checkpoint (needs config.json and "
+                               "model.safetensors; train one with `medrag train`)")
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("family") != FAMILY:
+            raise EncoderError(f"{FAMILY}: {cfg_file} is for family {raw.get('family')!r}")
+        cfg = NativeConfig.from_dict(raw["config"])
+        model = build_model(cfg)
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EncoderError(f"{FAMILY}: checkpoint {path} does not match its config "
+                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        return cls(cfg, model, device, path)
+
+    @classmethod
+    def random(cls, cfg: NativeConfig | None = None, seed: int = 0, device: str = "cpu") -> NativeEncoder:
+        """An untrained model: the 'untrained encoder' baseline, and tests."""
+        import torch
+
+        torch.manual_seed(seed)
+        cfg = cfg or NativeConfig()
+        return cls(cfg, build_model(cfg), device)
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write the checkpoint atomically (temp dir + rename)."""
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            meta = {"family": FAMILY, "config": asdict(self.cfg), **(extra or {})}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.checkpoint = target
+        return target
+
+    # ---- embedding API ---------------------------------------------------------------------
+    def supports_anatomy(self, anatomy: str) -> bool:
+        return self.tax.anatomy(anatomy).name in self._index
+
+    def anatomy_index(self, anatomy: str | None) -> int:
+        if anatomy is None:
+            return 0
+        name = self.tax.anatomy(anatomy).name
+        if name not in self._index:
+            raise EncoderError(f"{FAMILY}: anatomy {name!r} is not in this checkpoint's vocabulary")
+        return self._index[name]
+
+    def preprocess(self, images: Sequence[np.ndarray]):  # -> torch.Tensor (n, 1, S, S)
+        import torch
+
+        arr = np.stack([resize(i, self.cfg.image_size) for i in images])
+        return torch.from_numpy((arr - 0.5) / 0.25).unsqueeze(1).float()
+
+    def encode_images(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        idx = torch.full((len(images),), self.anatomy_index(anatomy), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            z = self.model(self.preprocess(images).to(self.device), idx)
+        return l2_normalise(z.float().cpu().numpy())
+
+    def describe(self) -> dict[str, object]:
+        return {"family": FAMILY, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "dim": self.dim, "image_size": self.cfg.image_size}
+
+
+def create_native(checkpoint: str | Path | None = None, device: str = "cpu",
+                  allow_random: bool = False, seed: int = 0, **_: object) -> NativeEncoder:
+    if checkpoint is None:
+        if allow_random:
+            return NativeEncoder.random(seed=seed, device=device)
+        raise EncoderError(f"{FAMILY} needs checkpoint=<dir written by `medrag train`> "
+                           "(or allow_random=True for an untrained baseline)")
+    return NativeEncoder.load(checkpoint, device)

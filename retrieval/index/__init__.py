@@ -1,0 +1,107 @@
+"""Vector indexes behind one protocol, chosen by URI (see :func:`open_index`).
+
+=============================  ==========================================================
+``faiss:/dir``                 FAISS (flat / HNSW / IVF), versioned directory
+``qdrant+local:/dir``          Qdrant's Rust engine embedded in-process (qdrant-edge)
+``qdrant:/dir``                same as ``qdrant+local:``
+``http(s)://host:6333/name``   a Qdrant server; ``name`` is the collection alias
+``qdrant+memory://name``       qdrant-client's in-process ``:memory:`` mode (tests)
+``/dir``                       a published directory; the backend is read from its metadata
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.index.base import (
+    IMAGE,
+    REPORT,
+    REPORT_JOINT,
+    Hit,
+    IndexError_,
+    IndexMeta,
+    IndexWriter,
+    SearchFilter,
+    VectorIndex,
+    anatomy_space,
+)
+
+DEFAULT_KIND = {"faiss": "flat", "qdrant-edge": "hnsw", "qdrant-server": "hnsw"}
+
+
+@dataclass(frozen=True)
+class IndexLocation:
+    backend: str  # "faiss" | "qdrant-edge" | "qdrant-server"
+    path: Path | None = None
+    server: str | None = None  # URL or "memory://name"
+    collection: str | None = None
+
+
+def parse_uri(uri: str) -> IndexLocation:
+    if uri.startswith("faiss:"):
+        return IndexLocation("faiss", path=Path(uri[len("faiss:"):]))
+    for prefix in ("qdrant+local:", "qdrant:"):
+        if uri.startswith(prefix):
+            return IndexLocation("qdrant-edge", path=Path(uri[len(prefix):]))
+    if uri.startswith("qdrant+memory://"):
+        name = uri[len("qdrant+memory://"):] or "medrag"
+        return IndexLocation("qdrant-server", server=f"memory://{name}", collection=name)
+    if uri.startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(uri)
+        collection = parts.path.strip("/") or "medrag"
+        return IndexLocation("qdrant-server", server=f"{parts.scheme}://{parts.netloc}", collection=collection)
+    path = Path(uri)
+    if (path / "CURRENT").is_file():
+        from retrieval.index.versions import current_version
+
+        raw = json.loads((current_version(path) / "meta.json").read_text())
+        backend = raw["meta"]["backend"]
+        return IndexLocation(backend, path=path)
+    raise IndexError_(f"cannot tell the backend of {uri!r}: use faiss:/dir, qdrant+local:/dir, "
+                      "http://host:6333/collection, or the directory of a published index")
+
+
+def open_index(uri: str, gpu: bool = False) -> VectorIndex:
+    """Open the published (current) version of the index at ``uri`` for reading."""
+    loc = parse_uri(uri)
+    if loc.backend == "faiss":
+        from retrieval.index.faiss_index import FaissIndex
+
+        return FaissIndex(loc.path, uri, gpu=gpu)  # type: ignore[arg-type]
+    if loc.backend == "qdrant-edge":
+        from retrieval.index.qdrant_index import EdgeIndex
+
+        return EdgeIndex(loc.path, uri)  # type: ignore[arg-type]
+    from retrieval.index.qdrant_index import ServerIndex, server_client
+
+    client = server_client(loc.server or "", api_key=os.environ.get("QDRANT_API_KEY"))
+    return ServerIndex(client, loc.collection or "medrag", uri)
+
+
+def open_writer(uri: str, spaces: dict[str, int], meta: IndexMeta, kind: str | None = None) -> IndexWriter:
+    """Start a new version of the index at ``uri``; nothing is visible until ``commit()``."""
+    loc = parse_uri(uri)
+    kind = kind or DEFAULT_KIND[loc.backend]
+    if loc.backend == "faiss":
+        from retrieval.index.faiss_index import FaissWriter
+
+        return FaissWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
+    if loc.backend == "qdrant-edge":
+        from retrieval.index.qdrant_index import EdgeWriter
+
+        return EdgeWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
+    from retrieval.index.qdrant_index import ServerWriter, server_client
+
+    client = server_client(loc.server or "", api_key=os.environ.get("QDRANT_API_KEY"))
+    return ServerWriter(client, loc.collection or "medrag", spaces, meta, kind,
+                        payload_indexes=not (loc.server or "").startswith("memory://"))
+
+
+__all__ = ["IMAGE", "REPORT", "REPORT_JOINT", "Hit", "IndexError_", "IndexMeta", "IndexWriter",
+           "SearchFilter", "VectorIndex", "anatomy_space", "open_index", "open_writer", "parse_uri"]

@@ -1,0 +1,219 @@
+"""FAISS backend: one FAISS index per space inside a versioned directory.
+
+Files of a version: ``meta.json``; ``payloads.jsonl`` (one JSON object per point, in id order);
+per space ``<i>.faiss`` (an ``IndexIDMap2`` over Flat/HNSW/IVF, inner product) and ``<i>.npy``
+(the raw float32 rows, memory-mapped, for exact search inside small filtered subsets).
+
+Filtered search: the filter is evaluated on the payloads to an id set. A small set (at most
+``EXACT_SUBSET`` points, or under 2% of the index) is scored exactly from the raw rows: exact and
+cheaper than walking a graph that mostly rejects. A larger one is pushed into FAISS as an
+``IDSelectorBatch``, with ``efSearch``/``nprobe`` raised so HNSW and IVF still fill ``k``.
+GPU: with ``gpu=True`` and a CUDA build of FAISS, Flat and IVF indexes are cloned to all GPUs for
+unfiltered search; filtered search stays on the CPU (selectors are CPU-only in FAISS).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter
+from retrieval.index.versions import current_version, new_staging, publish
+
+EXACT_SUBSET = 4096
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _make_index(kind: str, dim: int, n: int):
+    faiss = _faiss()
+    if kind == "flat" or (kind == "ivf" and n < 1024):
+        base = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        base.hnsw.efSearch = HNSW_EF_SEARCH
+    elif kind == "ivf":
+        nlist = int(max(16, min(65536, 4 * np.sqrt(n))))
+        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise IndexError_(f"unknown FAISS index kind {kind!r} (flat, hnsw, ivf)")
+    return faiss.IndexIDMap2(base)
+
+
+class FaissWriter:
+    def __init__(self, root: Path, spaces: dict[str, int], meta: IndexMeta, kind: str = "flat") -> None:
+        self.root = root
+        self.spaces = dict(spaces)
+        self.meta = meta
+        self.kind = kind
+        self.staging = new_staging(root)
+        self._payloads = open(self.staging / "payloads.jsonl", "wb")
+        self._rows: dict[str, list[np.ndarray]] = {s: [] for s in spaces}
+        self._ids: dict[str, list[np.ndarray]] = {s: [] for s in spaces}
+        self._count = 0
+        self._enc = msgspec.json.Encoder()
+
+    def add(self, ids: np.ndarray, vectors: dict[str, np.ndarray], payloads: list[dict[str, Any]],
+            present: dict[str, np.ndarray] | None = None) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) != len(payloads):
+            raise IndexError_("ids and payloads differ in length")
+        if len(ids) and ids[0] != self._count:
+            raise IndexError_(f"FAISS writer expects consecutive ids from {self._count}, got {ids[0]}")
+        for space, mat in vectors.items():
+            if space not in self.spaces:
+                raise IndexError_(f"unknown space {space!r}")
+            mat = np.asarray(mat, dtype=np.float32)
+            if mat.shape != (len(ids), self.spaces[space]):
+                raise IndexError_(f"space {space!r}: got {mat.shape}, expected ({len(ids)}, {self.spaces[space]})")
+            mask = present.get(space) if present else None
+            keep = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
+            self._rows[space].append(mat[keep])
+            self._ids[space].append(ids[keep])
+        for p in payloads:
+            self._payloads.write(self._enc.encode(p) + b"\n")
+        self._count += len(ids)
+
+    def commit(self) -> str:
+        faiss = _faiss()
+        self._payloads.close()
+        names = sorted(self.spaces)
+        for i, space in enumerate(names):
+            dim = self.spaces[space]
+            rows = np.concatenate(self._rows[space]) if self._rows[space] else np.zeros((0, dim), np.float32)
+            ids = np.concatenate(self._ids[space]) if self._ids[space] else np.zeros(0, np.int64)
+            index = _make_index(self.kind, dim, len(rows))
+            if len(rows):
+                if not index.is_trained:
+                    index.train(rows)
+                index.add_with_ids(rows, ids)
+            faiss.write_index(index, str(self.staging / f"{i}.faiss"))
+            np.save(self.staging / f"{i}.npy", rows)
+            np.save(self.staging / f"{i}.ids.npy", ids)
+        meta = msgspec.structs.replace(
+            self.meta, backend="faiss", spaces=self.spaces, count=self._count, index_kind=self.kind,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        (self.staging / "meta.json").write_bytes(msgspec.json.encode({"meta": meta, "space_files": names}))
+        return publish(self.root, self.staging)
+
+    def abort(self) -> None:
+        import shutil
+
+        self._payloads.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class FaissIndex:
+    def __init__(self, root: Path, uri: str, gpu: bool = False) -> None:
+        faiss = _faiss()
+        self.uri = uri
+        self.path = current_version(root)
+        raw = json.loads((self.path / "meta.json").read_text())
+        self.meta = msgspec.convert(raw["meta"], IndexMeta)
+        self.meta = msgspec.structs.replace(self.meta, version=self.path.name)
+        self._files = {s: i for i, s in enumerate(raw["space_files"])}
+        self._index = {s: faiss.read_index(str(self.path / f"{i}.faiss")) for s, i in self._files.items()}
+        self._rows = {s: np.load(self.path / f"{i}.npy", mmap_mode="r") for s, i in self._files.items()}
+        self._row_ids = {s: np.load(self.path / f"{i}.ids.npy") for s, i in self._files.items()}
+        self._row_of = {s: {int(v): r for r, v in enumerate(ids)} for s, ids in self._row_ids.items()}
+        dec = msgspec.json.Decoder()
+        with open(self.path / "payloads.jsonl", "rb") as fh:
+            self._payloads: list[dict[str, Any]] = [dec.decode(line) for line in fh]
+        self._gpu = {s: self._to_gpu(ix) for s, ix in self._index.items()} if gpu else {}
+
+    def __len__(self) -> int:
+        return len(self._payloads)
+
+    @staticmethod
+    def _to_gpu(index):
+        faiss = _faiss()
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            raise IndexError_("gpu=True but this FAISS build has no CUDA devices (install medrag[gpu])")
+        base = faiss.downcast_index(index.index)
+        if isinstance(base, faiss.IndexHNSWFlat):
+            return None  # HNSW has no GPU implementation; it stays on the CPU
+        return faiss.index_cpu_to_all_gpus(index)
+
+    def _check(self, space: str, queries: np.ndarray) -> np.ndarray:
+        if space not in self._index:
+            raise IndexError_(f"index has no space {space!r}; it has: {', '.join(sorted(self._index))}")
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.meta.spaces[space]:
+            raise IndexError_(f"space {space!r} has dimension {self.meta.spaces[space]}, query has {q.shape[1]}")
+        return q
+
+    def search(self, space: str, queries: np.ndarray, k: int,
+               flt: SearchFilter | None = None) -> list[list[Hit]]:
+        faiss = _faiss()
+        q = self._check(space, queries)
+        index = self._index[space]
+        if index.ntotal == 0 or k <= 0:
+            return [[] for _ in range(len(q))]
+        if flt is None or flt.is_empty():
+            target = self._gpu.get(space) or index
+            scores, ids = target.search(q, min(k, index.ntotal))
+            return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+        allowed = np.array([i for i in self._row_ids[space] if flt.matches(self._payloads[int(i)])], dtype=np.int64)
+        if len(allowed) == 0:
+            return [[] for _ in range(len(q))]
+        if len(allowed) <= max(EXACT_SUBSET, index.ntotal // 50):
+            rows = np.stack([self._rows[space][self._row_of[space][int(i)]] for i in allowed])
+            sims = q @ rows.T
+            out = []
+            for srow in sims:
+                top = np.argsort(-srow, kind="stable")[:k]
+                out.append([Hit(int(allowed[t]), float(srow[t]), self._payloads[int(allowed[t])]) for t in top])
+            return out
+        sel = faiss.IDSelectorBatch(allowed)
+        base = faiss.downcast_index(index.index)
+        if isinstance(base, faiss.IndexHNSWFlat):
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, 4 * k))
+        elif isinstance(base, faiss.IndexIVFFlat):
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=max(8, base.nlist // 16))
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        scores, ids = index.search(q, min(k, len(allowed)), params=params)
+        return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        return [Hit(int(i), float(s), self._payloads[int(i)]) for s, i in zip(scores, ids, strict=True) if i >= 0]
+
+    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        return [self._payloads[int(i)] for i in ids]
+
+    def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
+        out = []
+        for i, p in enumerate(self._payloads):
+            if flt.matches(p):
+                out.append(Hit(i, 0.0, p))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
+        self._check(space, np.zeros((1, self.meta.spaces[space]), np.float32) if space in self.meta.spaces else np.zeros((1, 1)))
+        rows = []
+        for i in ids:
+            r = self._row_of[space].get(int(i))
+            if r is None:
+                raise IndexError_(f"point {i} has no vector in space {space!r}")
+            rows.append(np.asarray(self._rows[space][r]))
+        return np.stack(rows) if rows else np.zeros((0, self.meta.spaces[space]), np.float32)
+
+    def close(self) -> None:
+        self._index.clear()
+        self._gpu.clear()

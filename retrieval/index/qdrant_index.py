@@ -1,0 +1,317 @@
+"""Qdrant backends: the embedded engine (``qdrant-edge-py``) and a server (``qdrant-client``).
+
+* ``qdrant+local:/dir`` (default Qdrant): Qdrant's Rust engine in-process. Each build is an
+  ``EdgeShard`` inside a versioned directory (same atomic publish as FAISS).
+* ``http(s)://host:6333/<collection>``: a Qdrant server. A build writes a fresh collection
+  ``<collection>__<version>`` and then moves the alias ``<collection>`` to it in one
+  ``update_collection_aliases`` call, so searches never see a half-built collection.
+* ``qdrant+memory://<collection>``: qdrant-client's in-process ``:memory:`` mode, which speaks
+  the server API; used in tests to exercise the server code path without a server binary.
+
+Spaces are named vectors with ``Dot`` distance (vectors are unit-length, so this is cosine and
+ranks exactly like FAISS's inner product). Filters translate from :class:`SearchFilter` into
+Qdrant's must / must_not conditions over indexed payload fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter, date_to_day
+from retrieval.index.versions import current_version, new_staging, publish
+
+KEYWORD_FIELDS = ("study_id", "patient_id", "modality", "findings", "findings_any",
+                  "anatomy_findings", "anatomy_findings_any")
+HNSW_EF = 128
+
+
+def translate_filter(flt: SearchFilter | None, m: ModuleType, range_cls: str) -> Any:
+    """:class:`SearchFilter` -> a Qdrant ``Filter`` built from module ``m``'s classes."""
+    if flt is None or flt.is_empty():
+        return None
+    must: list[Any] = []
+    must_not: list[Any] = []
+
+    def eq(key: str, value: Any) -> Any:
+        return m.FieldCondition(key=key, match=m.MatchValue(value=value))
+
+    def any_of(key: str, values: list[Any]) -> Any:
+        return m.FieldCondition(key=key, match=m.MatchAny(any=list(values)))
+
+    if flt.modality:
+        must.append(any_of("modality", flt.modality))
+    fkey = "findings_any" if flt.include_uncertain else "findings"
+    akey = "anatomy_findings_any" if flt.include_uncertain else "anatomy_findings"
+    must.extend(eq(fkey, f) for f in flt.findings or ())
+    must.extend(eq(akey, f) for f in flt.anatomy_findings or ())
+    if flt.patient_id is not None:
+        must.append(eq("patient_id", flt.patient_id))
+    if flt.study_ids is not None:
+        must.append(any_of("study_id", flt.study_ids))
+    if flt.exclude_patient_id is not None:
+        must_not.append(eq("patient_id", flt.exclude_patient_id))
+    if flt.exclude_study_ids:
+        must_not.append(any_of("study_id", flt.exclude_study_ids))
+    if flt.date_from is not None or flt.date_to is not None:
+        rng = getattr(m, range_cls)(
+            gte=float(date_to_day(flt.date_from)) if flt.date_from else None,
+            lte=float(date_to_day(flt.date_to)) if flt.date_to else None)
+        must.append(m.FieldCondition(key="study_day", range=rng))
+    if flt.has_report is not None:
+        must.append(eq("has_report", flt.has_report))
+    return m.Filter(must=must or None, must_not=must_not or None)
+
+
+# ---- embedded engine ---------------------------------------------------------------------------
+def _edge() -> ModuleType:
+    import qdrant_edge
+
+    return qdrant_edge
+
+
+class EdgeWriter:
+    def __init__(self, root: Path, spaces: dict[str, int], meta: IndexMeta, kind: str = "hnsw") -> None:
+        e = _edge()
+        self.root, self.spaces, self.meta, self.kind = root, dict(spaces), meta, kind
+        self.staging = new_staging(root)
+        config = e.EdgeConfig(vectors={s: e.EdgeVectorParams(size=d, distance=e.Distance.Dot)
+                                       for s, d in spaces.items()})
+        self.shard = e.EdgeShard.create(str(self.staging / "shard"), config)
+        for key in KEYWORD_FIELDS:
+            self.shard.update(e.UpdateOperation.create_field_index(key, e.PayloadSchemaType.Keyword))
+        self.shard.update(e.UpdateOperation.create_field_index("study_day", e.PayloadSchemaType.Integer))
+        self.shard.update(e.UpdateOperation.create_field_index("has_report", e.PayloadSchemaType.Bool))
+        self._count = 0
+
+    def add(self, ids: np.ndarray, vectors: dict[str, np.ndarray], payloads: list[dict[str, Any]],
+            present: dict[str, np.ndarray] | None = None) -> None:
+        e = _edge()
+        points = []
+        for row, (pid, payload) in enumerate(zip(ids, payloads, strict=True)):
+            vec = {s: np.asarray(v[row], dtype=np.float32).tolist() for s, v in vectors.items()
+                   if present is None or present.get(s) is None or bool(present[s][row])}
+            points.append(e.Point(int(pid), vec, payload))
+        if points:
+            self.shard.update(e.UpdateOperation.upsert_points(points))
+        self._count += len(points)
+
+    def commit(self) -> str:
+        self.shard.optimize()
+        self.shard.flush()
+        self.shard.close()
+        meta = msgspec.structs.replace(
+            self.meta, backend="qdrant-edge", spaces=self.spaces, count=self._count, index_kind=self.kind,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        (self.staging / "meta.json").write_bytes(msgspec.json.encode({"meta": meta}))
+        return publish(self.root, self.staging)
+
+    def abort(self) -> None:
+        try:
+            self.shard.close()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class _QdrantReader:
+    """Search logic shared by the embedded and server readers."""
+
+    meta: IndexMeta
+    uri: str
+
+    def _check(self, space: str, queries: np.ndarray) -> np.ndarray:
+        if space not in self.meta.spaces:
+            raise IndexError_(f"index has no space {space!r}; it has: {', '.join(sorted(self.meta.spaces))}")
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if q.shape[1] != self.meta.spaces[space]:
+            raise IndexError_(f"space {space!r} has dimension {self.meta.spaces[space]}, query has {q.shape[1]}")
+        return q
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+
+class EdgeIndex(_QdrantReader):
+    def __init__(self, root: Path, uri: str) -> None:
+        e = _edge()
+        self.uri = uri
+        self.path = current_version(root)
+        raw = json.loads((self.path / "meta.json").read_text())
+        self.meta = msgspec.structs.replace(msgspec.convert(raw["meta"], IndexMeta), version=self.path.name)
+        self.shard = e.EdgeShard.load(str(self.path / "shard"))
+
+    def search(self, space: str, queries: np.ndarray, k: int,
+               flt: SearchFilter | None = None) -> list[list[Hit]]:
+        e = _edge()
+        q = self._check(space, queries)
+        f = translate_filter(flt, e, "RangeFloat")
+        params = e.SearchParams(exact=self.meta.index_kind == "flat", hnsw_ef=max(HNSW_EF, 2 * k))
+        out = []
+        for row in q:
+            req = e.QueryRequest(limit=k, query=e.Query.Nearest(row.tolist(), using=space),
+                                 filter=f, with_payload=True, params=params)
+            out.append([Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in self.shard.query(req)])
+        return out
+
+    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        recs = {int(r.id): dict(r.payload or {}) for r in self.shard.retrieve([int(i) for i in ids], True, False)}
+        return [recs[int(i)] for i in ids]
+
+    def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
+        e = _edge()
+        recs, _ = self.shard.scroll(e.ScrollRequest(limit=limit, filter=translate_filter(flt, e, "RangeFloat"),
+                                                    with_payload=True))
+        return [Hit(int(r.id), 0.0, dict(r.payload or {})) for r in recs]
+
+    def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
+        self._check(space, np.zeros((1, self.meta.spaces.get(space, 1)), np.float32))
+        recs = {int(r.id): r for r in self.shard.retrieve([int(i) for i in ids], False, [space])}
+        rows = []
+        for i in ids:
+            vec = recs[int(i)].vector if int(i) in recs else None
+            v = vec.get(space) if isinstance(vec, dict) else vec
+            if v is None:
+                raise IndexError_(f"point {i} has no vector in space {space!r}")
+            rows.append(np.asarray(v, dtype=np.float32))
+        return np.stack(rows) if rows else np.zeros((0, self.meta.spaces[space]), np.float32)
+
+    def close(self) -> None:
+        self.shard.close()
+
+
+# ---- server (qdrant-client) --------------------------------------------------------------------
+_MEMORY_CLIENTS: dict[str, Any] = {}
+
+
+def server_client(location: str, api_key: str | None = None):
+    """A qdrant-client for a URL, or a process-wide ``:memory:`` client for ``memory://name``."""
+    from qdrant_client import QdrantClient
+
+    if location.startswith("memory://"):
+        name = location[len("memory://"):]
+        if name not in _MEMORY_CLIENTS:
+            _MEMORY_CLIENTS[name] = QdrantClient(location=":memory:")
+        return _MEMORY_CLIENTS[name]
+    return QdrantClient(url=location, api_key=api_key, timeout=30)
+
+
+class ServerWriter:
+    def __init__(self, client: Any, collection: str, spaces: dict[str, int], meta: IndexMeta,
+                 kind: str = "hnsw", payload_indexes: bool = True) -> None:
+        from qdrant_client import models as qm
+
+        self.client, self.alias, self.spaces, self.meta, self.kind = client, collection, dict(spaces), meta, kind
+        existing = {c.name for c in client.get_collections().collections}
+        n = 1
+        while f"{collection}__v{n:06d}" in existing:
+            n += 1
+        self.collection = f"{collection}__v{n:06d}"
+        client.create_collection(
+            self.collection,
+            vectors_config={s: qm.VectorParams(size=d, distance=qm.Distance.DOT) for s, d in spaces.items()},
+        )
+        if payload_indexes:  # qdrant-client's :memory: mode ignores them (and warns)
+            for key in KEYWORD_FIELDS:
+                client.create_payload_index(self.collection, key, qm.PayloadSchemaType.KEYWORD)
+            client.create_payload_index(self.collection, "study_day", qm.PayloadSchemaType.INTEGER)
+            client.create_payload_index(self.collection, "has_report", qm.PayloadSchemaType.BOOL)
+        self._count = 0
+
+    def add(self, ids: np.ndarray, vectors: dict[str, np.ndarray], payloads: list[dict[str, Any]],
+            present: dict[str, np.ndarray] | None = None) -> None:
+        from qdrant_client import models as qm
+
+        points = []
+        for row, (pid, payload) in enumerate(zip(ids, payloads, strict=True)):
+            vec = {s: np.asarray(v[row], dtype=np.float32).tolist() for s, v in vectors.items()
+                   if present is None or present.get(s) is None or bool(present[s][row])}
+            points.append(qm.PointStruct(id=int(pid), vector=vec, payload=payload))
+        if points:
+            self.client.upsert(self.collection, points=points, wait=True)
+        self._count += len(points)
+
+    def commit(self) -> str:
+        from qdrant_client import models as qm
+
+        meta = msgspec.structs.replace(
+            self.meta, backend="qdrant-server", spaces=self.spaces, count=self._count, index_kind=self.kind,
+            version=self.collection.rsplit("__", 1)[1],
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        self.client.update_collection(self.collection, metadata={"medrag": msgspec.to_builtins(meta)})
+        old = [a.collection_name for a in self.client.get_aliases().aliases if a.alias_name == self.alias]
+        ops: list[Any] = [qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=self.alias))] if old else []
+        ops.append(qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=self.collection,
+                                                                         alias_name=self.alias)))
+        self.client.update_collection_aliases(change_aliases_operations=ops)
+        for name in old:
+            if name != self.collection:
+                self.client.delete_collection(name)
+        return meta.version
+
+    def abort(self) -> None:
+        self.client.delete_collection(self.collection)
+
+
+class ServerIndex(_QdrantReader):
+    def __init__(self, client: Any, collection: str, uri: str) -> None:
+        self.client, self.collection, self.uri = client, collection, uri
+        self._local = uri.startswith("qdrant+memory://")  # exact search; search params ignored
+        try:
+            info = client.get_collection(collection)
+        except Exception as exc:
+            raise IndexError_(f"{uri}: no collection or alias {collection!r} ({exc})") from exc
+        raw = (info.config.metadata or {}).get("medrag")
+        if raw is None:
+            raise IndexError_(f"{uri}: collection {collection!r} was not built by medrag (no metadata)")
+        self.meta = msgspec.convert(raw, IndexMeta)
+
+    def search(self, space: str, queries: np.ndarray, k: int,
+               flt: SearchFilter | None = None) -> list[list[Hit]]:
+        from qdrant_client import models as qm
+
+        q = self._check(space, queries)
+        f = translate_filter(flt, qm, "Range")
+        params = None if self._local else qm.SearchParams(exact=self.meta.index_kind == "flat",
+                                                          hnsw_ef=max(HNSW_EF, 2 * k))
+        out = []
+        for row in q:
+            res = self.client.query_points(self.collection, query=row.tolist(), using=space, limit=k,
+                                           query_filter=f, with_payload=True, search_params=params)
+            out.append([Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in res.points])
+        return out
+
+    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        recs = {int(r.id): dict(r.payload or {}) for r in
+                self.client.retrieve(self.collection, [int(i) for i in ids], with_payload=True)}
+        return [recs[int(i)] for i in ids]
+
+    def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
+        from qdrant_client import models as qm
+
+        recs, _ = self.client.scroll(self.collection, scroll_filter=translate_filter(flt, qm, "Range"),
+                                     limit=limit, with_payload=True)
+        return [Hit(int(r.id), 0.0, dict(r.payload or {})) for r in recs]
+
+    def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
+        self._check(space, np.zeros((1, self.meta.spaces.get(space, 1)), np.float32))
+        recs = {int(r.id): r for r in self.client.retrieve(self.collection, [int(i) for i in ids], with_vectors=[space])}
+        rows = []
+        for i in ids:
+            vec = recs[int(i)].vector if int(i) in recs else None
+            v = vec.get(space) if isinstance(vec, dict) else None
+            if v is None:
+                raise IndexError_(f"point {i} has no vector in space {space!r}")
+            rows.append(np.asarray(v, dtype=np.float32))
+        return np.stack(rows) if rows else np.zeros((0, self.meta.spaces[space]), np.float32)
+
+    def close(self) -> None:
+        pass
+

@@ -1,0 +1,221 @@
+"""Similar-case search: image->image, text->image, image->report, text->report, conditioned.
+
+Anatomy conditioning uses two mechanisms, and says which it used:
+
+1. **Conditioned embedding** (the RadIR idea): when the index holds an ``image@<anatomy>`` space
+   (built by an anatomy-aware encoder), the query is embedded for that anatomy and searched
+   there, so "similar left lung" ranks by left-lung appearance. A part without its own space
+   (``left lower lobe``) uses its nearest ancestor that has one (``left lung``).
+2. **Entity filter**: ``finding`` restricts candidates to studies whose *report* states that
+   finding (in ``anatomy`` or a part of it, when both are given). Reports are precise about what
+   is present; embeddings are good at how it looks. The filter guarantees the named finding,
+   the embedding orders the cases that have it.
+
+Results are studies, not images: a study's score is its best image's score, the query's own
+study is always excluded, and the query patient's other studies optionally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrieval.encoders import EncoderError, encoder_from_description, is_joint
+from retrieval.encoders.base import l2_normalise
+from retrieval.index import IMAGE, REPORT, REPORT_JOINT, Hit, SearchFilter, VectorIndex, anatomy_space
+from retrieval.taxonomy import Taxonomy, default_taxonomy
+
+
+class SearchError(ValueError):
+    """A query that cannot be answered as asked (clear, user-facing)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    k: int = 10
+    anatomy: str | None = None
+    finding: str | None = None
+    modality: tuple[str, ...] | None = None
+    include_uncertain: bool = False  # hedged findings ("possible effusion") pass the filter
+    exclude_study_id: str | None = None
+    exclude_patient_id: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+
+
+@dataclass(frozen=True)
+class CaseHit:
+    study_id: str
+    score: float
+    point_id: int
+    image: str | None
+    modality: str | None
+    study_date: str | None
+    report: str | None
+    matched_entities: list[str]
+    images_matched: int = 1
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    mode: str  # e.g. "image->image"
+    space: str  # the vector space searched
+    conditioning: str  # "embedding:<anatomy>", "filter", "embedding+filter" or "none"
+    filter: dict[str, Any]
+    hits: list[CaseHit] = field(default_factory=list)
+
+
+class Searcher:
+    def __init__(self, index: VectorIndex, image_encoder: Any = None, text_encoder: Any = None,
+                 taxonomy: Taxonomy | None = None) -> None:
+        self.index = index
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.tax = taxonomy or default_taxonomy()
+
+    @classmethod
+    def for_index(cls, index: VectorIndex, device: str = "cpu", load_text: bool = True) -> Searcher:
+        """Recreate the encoders the index was built with (from its metadata)."""
+        meta = index.meta
+        image = encoder_from_description(meta.image_encoder, device) if meta.image_encoder else None
+        text = encoder_from_description(meta.text_encoder, device) if (meta.text_encoder and load_text) else None
+        return cls(index, image, text)
+
+    # ---- query kinds -----------------------------------------------------------------------
+    def by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
+        if self.image_encoder is None:
+            raise SearchError("this searcher has no image encoder")
+        space, anatomy = self._space(q.anatomy)
+        vec = self._mean(self.image_encoder.encode_images(list(images), anatomy=anatomy))
+        return self._run("image->image", space, vec, q, conditioned=anatomy is not None)
+
+    def by_study(self, study_id: str, q: Query, same_patient: bool = True) -> SearchResult:
+        """Cases similar to a study already in the index (its stored vectors are the query)."""
+        points = [p for p in self.index.find(SearchFilter(study_ids=[study_id]), limit=256)
+                  if p.payload.get("image")]
+        if not points:
+            raise SearchError(f"study {study_id!r} is not in the index (or has no image)")
+        space, anatomy = self._space(q.anatomy)
+        vec = self._mean(self.index.vectors(space, [p.id for p in points]))
+        patient = points[0].payload.get("patient_id")
+        q2 = _replace(q, exclude_study_id=study_id,
+                      exclude_patient_id=q.exclude_patient_id or (None if same_patient else patient))
+        return self._run("study->image", space, vec, q2, conditioned=anatomy is not None)
+
+    def by_text(self, text: str, q: Query) -> SearchResult:
+        """Text -> image; needs a joint (CLIP-style) image encoder."""
+        if not is_joint(self.image_encoder):
+            raise SearchError("text->image search needs a joint image-text encoder (open_clip, hf CLIP); "
+                              f"this index was built with {self.index.meta.image_encoder}")
+        if q.anatomy:
+            raise SearchError("anatomy conditioning applies to image queries; use finding= to filter text queries")
+        vec = self._mean(self.image_encoder.encode_texts([text]))
+        return self._run("text->image", IMAGE, vec, q, conditioned=False)
+
+    def reports_by_text(self, text: str, q: Query) -> SearchResult:
+        """Text -> report (report embedding space)."""
+        if self.text_encoder is None or REPORT not in self.index.meta.spaces:
+            raise SearchError("this index has no report space (built without a text encoder)")
+        vec = self._mean(self.text_encoder.encode_texts([text]))
+        return self._run("text->report", REPORT, vec, q, conditioned=False)
+
+    def reports_by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
+        """Image -> report: cross-modal when the encoder is joint, else via similar images."""
+        if REPORT_JOINT in self.index.meta.spaces and is_joint(self.image_encoder):
+            vec = self._mean(self.image_encoder.encode_images(list(images)))
+            return self._run("image->report", REPORT_JOINT, vec, _replace(q, anatomy=None), conditioned=False)
+        res = self.by_image(images, q)
+        return SearchResult("image->report(via similar images)", res.space, res.conditioning, res.filter,
+                            [h for h in res.hits if h.report])
+
+    # ---- internals -------------------------------------------------------------------------
+    def _space(self, anatomy: str | None) -> tuple[str, str | None]:
+        if not anatomy:
+            return IMAGE, None
+        name = self.tax.anatomy(anatomy).name  # raises UnknownTermError with suggestions
+        for a in self.tax.ancestors(name):
+            if a in self.index.meta.conditioning:
+                return anatomy_space(a), a
+        return IMAGE, None
+
+    @staticmethod
+    def _mean(rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            raise SearchError("no query vector (empty query)")
+        return l2_normalise(np.asarray(rows, dtype=np.float32).mean(0, keepdims=True))
+
+    def _filter(self, q: Query) -> SearchFilter:
+        findings = anatomy_findings = None
+        if q.finding:
+            f = self.tax.finding(q.finding).name
+            if q.anatomy:
+                anatomy_findings = [f"{self.tax.anatomy(q.anatomy).name}:{f}"]
+            else:
+                findings = [f]
+        return SearchFilter(
+            modality=list(q.modality) if q.modality else None, findings=findings,
+            anatomy_findings=anatomy_findings, include_uncertain=q.include_uncertain,
+            exclude_patient_id=q.exclude_patient_id,
+            exclude_study_ids=[q.exclude_study_id] if q.exclude_study_id else None,
+            date_from=q.date_from, date_to=q.date_to)
+
+    def _run(self, mode: str, space: str, vec: np.ndarray, q: Query, conditioned: bool) -> SearchResult:
+        if q.k <= 0:
+            raise SearchError("k must be positive")
+        flt = self._filter(q)
+        fetch = q.k * 3 + 8
+        while True:
+            points = self.index.search(space, vec, fetch, flt)[0]
+            hits = _by_study(points, q.k)
+            if len(hits) >= q.k or len(points) < fetch or fetch >= 64 * q.k:
+                break
+            fetch *= 4
+        kind = ("embedding:" + space.split("@", 1)[1]) if conditioned else ""
+        kind = "+".join(x for x in (kind, "filter" if q.finding else "") if x) or "none"
+        return SearchResult(mode, space, kind, _builtins(flt),
+                            [self._case(h, n, q) for h, n in hits])
+
+    def _case(self, hit: Hit, n_images: int, q: Query) -> CaseHit:
+        p = hit.payload
+        return CaseHit(study_id=str(p.get("study_id")), score=round(hit.score, 6), point_id=hit.id,
+                       image=p.get("image"), modality=p.get("modality"), study_date=p.get("study_date"),
+                       report=p.get("report"), matched_entities=self._matched(p, q), images_matched=n_images)
+
+    def _matched(self, payload: dict[str, Any], q: Query) -> list[str]:
+        ents = [e for e in payload.get("entities") or [] if not e.endswith("|absent")]
+        if q.anatomy:
+            scope = set(self.tax.descendants(self.tax.anatomy(q.anatomy).name))
+            ents = [e for e in ents if e.split("|")[0] in scope]
+        if q.finding:
+            f = self.tax.finding(q.finding).name
+            ents = [e for e in ents if e.split("|")[1] == f]
+        return ents
+
+
+def _by_study(points: list[Hit], k: int) -> list[tuple[Hit, int]]:
+    best: dict[str, tuple[Hit, int]] = {}
+    for h in points:
+        sid = str(h.payload.get("study_id"))
+        if sid in best:
+            best[sid] = (best[sid][0], best[sid][1] + 1)
+        else:
+            best[sid] = (h, 1)
+    return sorted(best.values(), key=lambda x: -x[0].score)[:k]
+
+
+def _replace(q: Query, **kw: Any) -> Query:
+    from dataclasses import replace
+
+    return replace(q, **kw)
+
+
+def _builtins(flt: SearchFilter) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(flt)
+
+
+__all__ = ["CaseHit", "EncoderError", "Query", "SearchError", "SearchResult", "Searcher"]
