@@ -168,7 +168,7 @@ def _batches(studies: list[Study], manifest: str | Path, size: int,
     """Yield (study, image path, pixels, view) points; report-only studies give one point."""
     batch: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
     for study in studies:
-        points = []
+        points: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
         for i, rel in enumerate(study.images):
             try:
                 pixels = load_image(resolve_image(manifest, rel), name=rel)

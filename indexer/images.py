@@ -83,4 +83,5 @@ def _load_raster(data: bytes, label: str) -> np.ndarray:
     except ImageLoadError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{label}: corrupt image ({exc})") from exc
+        reason = "unrecognised image data" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ImageLoadError(f"{label}: corrupt image ({reason})") from exc

@@ -161,12 +161,12 @@ class EntityExtractor:
                                   sent.index, (sent.start + s, sent.start + e)))
         for ns in self.tax.normal_statements:
             for m in ns.pattern.finditer(text):
-                anatomy = self._normal_anatomy(m)
-                if anatomy is None:
+                where = self._normal_anatomy(m)
+                if where is None:
                     continue
                 for fname in ns.findings:
                     f = self.tax.findings[fname]
-                    out.append(Entity(anatomy, fname, f.kind, True, False, sent.index,
+                    out.append(Entity(where, fname, f.kind, True, False, sent.index,
                                       (sent.start + m.start(), sent.start + m.end())))
         return out
 

@@ -25,7 +25,15 @@ import numpy as np
 
 from retrieval.encoders import EncoderError, encoder_from_description, is_joint
 from retrieval.encoders.base import l2_normalise
-from retrieval.index import IMAGE, REPORT, REPORT_JOINT, Hit, SearchFilter, VectorIndex, anatomy_space
+from retrieval.index import (
+    IMAGE,
+    REPORT,
+    REPORT_JOINT,
+    Hit,
+    SearchFilter,
+    VectorIndex,
+    anatomy_space,
+)
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 

@@ -11,6 +11,7 @@ import difflib
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -100,7 +101,7 @@ class Taxonomy:
         raise UnknownTermError(_unknown("finding", name, self.findings))
 
 
-def _unknown(what: str, name: str, known: dict[str, object]) -> str:
+def _unknown(what: str, name: str, known: Mapping[str, object]) -> str:
     close = difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return f"unknown {what} {name!r}.{hint} Known: {', '.join(sorted(known))}."

@@ -17,3 +17,11 @@ echo "== 2. build on the embedded Qdrant engine (default backend)"
 $BIN/medrag index build "$OUT/manifest.jsonl" --index "qdrant+local:$OUT/index" --encoder pixels --no-progress | head -12
 echo "== 3. similar cases for a chest radiograph, conditioned on the left lung"
 $BIN/medrag search --index "qdrant+local:$OUT/index" --image "$DATA/RG1_UNCR.dcm" --anatomy "left lung" -k 5
+ANN=../shared/data/iu_xray_reports/annotation.json
+if [ -f "$ANN" ]; then
+  echo "== 4. report-only index of the shared IU X-ray validation reports (FAISS), finding-filtered text search"
+  $BIN/medrag index manifest r2gen "$ANN" --reports-only --splits val -o "$OUT/iu_val.jsonl" | head -1
+  $BIN/medrag index build "$OUT/iu_val.jsonl" --index "faiss:$OUT/iu_index" --no-progress | head -1
+  $BIN/medrag search --index "faiss:$OUT/iu_index" --reports --text "small left pleural effusion" \
+    --anatomy "left pleura" --finding effusion --include-uncertain -k 3
+fi

@@ -91,8 +91,15 @@ def test_open_clip_tiny_model_saved_and_loaded_from_local_dir(tmp_path):
 
 @pytest.mark.slow
 def test_hf_tiny_clip_and_vit_from_local_dirs(tmp_path):
-    from transformers import (BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig,
-                              ViTImageProcessor, ViTModel)
+    from transformers import (
+        BertTokenizerFast,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     from retrieval.encoders.hf import minilm_path
 

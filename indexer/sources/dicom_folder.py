@@ -95,7 +95,7 @@ def _representatives(members: list[tuple[Path, dict]]) -> list[tuple[Path, dict]
 
 def _walk(folder: Path) -> list[Path]:
     """Every file below ``folder``, following directory links (PACS exports often use them)."""
-    out = []
+    out: list[Path] = []
     for dirpath, _, files in os.walk(folder, followlinks=True):
         out.extend(Path(dirpath) / f for f in files)
     return sorted(out)

@@ -47,6 +47,11 @@ def translate_filter(flt: SearchFilter | None, m: ModuleType, range_cls: str) ->
     def any_of(key: str, values: list[Any]) -> Any:
         return m.FieldCondition(key=key, match=m.MatchAny(any=list(values)))
 
+    def empty(key: str) -> Any:
+        if hasattr(m, "PayloadField"):  # qdrant-client models
+            return m.IsEmptyCondition(is_empty=m.PayloadField(key=key))
+        return m.FieldCondition(key=key, is_empty=True)  # qdrant-edge
+
     if flt.modality:
         must.append(any_of("modality", flt.modality))
     fkey = "findings_any" if flt.include_uncertain else "findings"
@@ -67,7 +72,9 @@ def translate_filter(flt: SearchFilter | None, m: ModuleType, range_cls: str) ->
             lte=float(date_to_day(flt.date_to)) if flt.date_to else None)
         must.append(m.FieldCondition(key="study_day", range=rng))
     if flt.has_report is not None:
-        must.append(eq("has_report", flt.has_report))
+        # Not a bool match: qdrant-edge 0.9.0 matches no point on MatchValue(True/False)
+        # (seen here); an empty/null test on the report field is exact on both engines.
+        (must_not if flt.has_report else must).append(empty("report"))
     return m.Filter(must=must or None, must_not=must_not or None)
 
 
@@ -83,13 +90,15 @@ class EdgeWriter:
         e = _edge()
         self.root, self.spaces, self.meta, self.kind = root, dict(spaces), meta, kind
         self.staging = new_staging(root)
+        # No WAL: a published version is immutable (the build flushes once, then publishes
+        # atomically), and a WAL-backed shard takes an exclusive lock that would stop a second
+        # reader (the API and a CLI search, or two workers) from opening the same version.
         config = e.EdgeConfig(vectors={s: e.EdgeVectorParams(size=d, distance=e.Distance.Dot)
-                                       for s, d in spaces.items()})
+                                       for s, d in spaces.items()}, wal_enabled=False)
         self.shard = e.EdgeShard.create(str(self.staging / "shard"), config)
         for key in KEYWORD_FIELDS:
             self.shard.update(e.UpdateOperation.create_field_index(key, e.PayloadSchemaType.Keyword))
         self.shard.update(e.UpdateOperation.create_field_index("study_day", e.PayloadSchemaType.Integer))
-        self.shard.update(e.UpdateOperation.create_field_index("has_report", e.PayloadSchemaType.Bool))
         self._count = 0
 
     def add(self, ids: np.ndarray, vectors: dict[str, np.ndarray], payloads: list[dict[str, Any]],
@@ -222,7 +231,6 @@ class ServerWriter:
             for key in KEYWORD_FIELDS:
                 client.create_payload_index(self.collection, key, qm.PayloadSchemaType.KEYWORD)
             client.create_payload_index(self.collection, "study_day", qm.PayloadSchemaType.INTEGER)
-            client.create_payload_index(self.collection, "has_report", qm.PayloadSchemaType.BOOL)
         self._count = 0
 
     def add(self, ids: np.ndarray, vectors: dict[str, np.ndarray], payloads: list[dict[str, Any]],
