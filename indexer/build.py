@@ -105,7 +105,8 @@ def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool
     if is_joint(image_enc):
         spaces[REPORT_JOINT] = image_enc.dim
     meta = IndexMeta(backend="", spaces=spaces, count=0, image_encoder=image_enc.describe(),
-                     text_encoder=text_enc.describe() if text_enc else None, conditioning=conditioning)
+                     text_encoder=text_enc.describe() if text_enc else None, conditioning=conditioning,
+                     image_root=str(Path(manifest).resolve().parent))
     errors: list[str] = []
     studies = list(read_manifest(manifest, errors=errors))
     report.skipped.extend(errors)

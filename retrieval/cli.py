@@ -4,6 +4,9 @@
     medrag index build MANIFEST --index URI ...      encode and publish an index version
     medrag index info --index URI                    what an index holds
     medrag search --index URI (--image F | --study ID | --text T) [--anatomy A] [--finding F]
+    medrag train MANIFEST --out DIR [--preset cpu-small|gpu]   train medrag-native
+    medrag draft --index URI --image F [--prior-image P --prior-report R] [--generator ...]
+    medrag eval {retrieval,draft,entities,synth} ...           measure
 
 User errors (unknown anatomy, missing file, wrong index) print one line and exit 2.
 """
@@ -37,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from indexer.manifest import ManifestError
     from retrieval.encoders import EncoderError
     from retrieval.index import IndexError_
+    from retrieval.rag.http import GeneratorError
     from retrieval.search import SearchError
     from retrieval.taxonomy import UnknownTermError
 
     try:
         return int(args.func(args) or 0)
     except (UnknownTermError, ImageLoadError, ManifestError, EncoderError, IndexError_, SearchError,
-            FileNotFoundError, ValueError) as exc:
+            GeneratorError, FileNotFoundError, ValueError) as exc:
         print(f"medrag: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -90,6 +94,75 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     enc = idx.add_parser("encoders", help="list encoder families")
     enc.set_defaults(func=_cmd_encoders)
+
+    t = sub.add_parser("train", help="train the medrag-native encoder from (image, report) pairs")
+    t.add_argument("manifest", help="manifest with images and reports")
+    t.add_argument("--out", required=True, help="output folder; the checkpoint is <out>/checkpoint")
+    t.add_argument("--preset", choices=["cpu-small", "gpu"], default="cpu-small")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--anatomies", help="comma-separated conditioning anatomies")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/state")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="measure quality").add_subparsers(metavar="WHAT")
+    er = ev.add_parser("retrieval", help="Recall/NDCG/RateScore per anatomy against report-mined similarity")
+    er.add_argument("manifest")
+    er.add_argument("--out", required=True, help="folder for retrieval.json and recall_at_k.png")
+    er.add_argument("--reports-only", action="store_true", help="text->text with report embeddings")
+    er.add_argument("--method", action="append", default=[], metavar="NAME=FAMILY[:CHECKPOINT]",
+                    help="an image encoder to evaluate (repeatable)")
+    er.add_argument("--anatomies", default="lung,left lung,right lung,heart,pleura")
+    er.add_argument("--max-queries", type=int)
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--device", default="cpu")
+    er.set_defaults(func=_cmd_eval_retrieval)
+    ed = ev.add_parser("draft", help="leave-one-out drafting: entity F1, BLEU-4, ROUGE-L, citations")
+    ed.add_argument("manifest")
+    ed.add_argument("--out", required=True, help="folder for draft.json")
+    ed.add_argument("-k", type=int, default=5, help="retrieved cases per draft")
+    ed.add_argument("--max-queries", type=int)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--device", default="cpu")
+    ed.set_defaults(func=_cmd_eval_draft)
+    ee = ev.add_parser("entities", help="extractor precision/recall on hand-checked reports")
+    ee.add_argument("--gold", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/iu_xray_gold50.json"))
+    ee.add_argument("--annotation", required=True, help="IU X-ray annotation.json")
+    ee.add_argument("--errors", action="store_true")
+    ee.set_defaults(func=_cmd_eval_entities)
+    es = ev.add_parser("synth", help="write the synthetic paired image/report set")
+    es.add_argument("--out", required=True)
+    es.add_argument("-n", "--studies", type=int, default=600)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--size", type=int, default=160)
+    es.set_defaults(func=_cmd_eval_synth)
+
+    d = sub.add_parser("draft", help="draft a comparative report from retrieved analog cases")
+    d.add_argument("--index", required=True)
+    d.add_argument("--image", nargs="+", required=True, help="current study image(s) (PNG/JPEG/DICOM)")
+    d.add_argument("--prior-image", nargs="+", default=[], help="prior study image(s) of the same patient")
+    d.add_argument("--prior-report", help="prior study report: a text file")
+    d.add_argument("--prior-study", help="prior study id (it is then never used as an analog case)")
+    d.add_argument("--prior-date", help="prior study date (YYYY-MM-DD)")
+    d.add_argument("--anatomy", help="condition retrieval on an anatomy")
+    d.add_argument("--finding", help="only analog cases stating this finding")
+    d.add_argument("--exclude-patient", help="do not draft from this patient's studies")
+    d.add_argument("-k", type=int, default=5, help="analog cases to retrieve")
+    d.add_argument("--generator", choices=["extractive", "vlm", "http"], default="extractive")
+    d.add_argument("--model-dir", help="vlm: local transformers model directory")
+    d.add_argument("--base-url", help="http: OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    d.add_argument("--model", help="http: model name on that server")
+    d.add_argument("--api-key-env", default="MEDRAG_LLM_API_KEY", help="http: environment variable holding the key")
+    d.add_argument("--timeout", type=float, default=120.0)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_draft)
 
     s = sub.add_parser("search", help="find similar cases")
     s.add_argument("--index", required=True)
@@ -181,6 +254,99 @@ def _cmd_encoders(a: argparse.Namespace) -> int:
     for name in list_encoders():
         spec = encoder_spec(name)
         print(f"{name:14s} {'+'.join(spec.modalities):10s} {spec.doc}")
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from indexer.train import PRESETS, train
+
+    cfg = PRESETS[a.preset]
+    over = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch_size, "image_size": a.image_size,
+                              "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads}.items()
+            if v is not None}
+    if a.anatomies:
+        over["anatomies"] = tuple(x.strip() for x in a.anatomies.split(","))
+    res = train(a.manifest, a.out, replace(cfg, **over), resume=a.resume, progress=not a.no_progress)
+    last = res.history[-1] if res.history else {}
+    print(f"checkpoint {res.out_dir} ({res.epochs_run} epochs in {res.seconds:.0f}s); "
+          f"last loss {last.get('loss', float('nan')):.4f}; val Recall@5 {last.get('val_recall@5')}")
+    print(f"curve: {Path(a.out) / 'training_curve.png'}")
+    return 0
+
+
+def _cmd_eval_retrieval(a: argparse.Namespace) -> int:
+    from eval.retrieval import EvalConfig, format_table, run
+
+    encoders = {}
+    for spec in a.method:
+        name, _, rest = spec.partition("=")
+        family, _, ckpt = rest.partition(":")
+        if not name or not family:
+            raise ValueError(f"--method {spec!r}: expected NAME=FAMILY[:CHECKPOINT]")
+        encoders[name] = (family, ckpt or None)
+    cfg = EvalConfig(anatomies=tuple(x.strip() for x in a.anatomies.split(",") if x.strip()),
+                     max_queries=a.max_queries, seed=a.seed)
+    payload = run(a.manifest, a.out, encoders, cfg, reports_only=a.reports_only, device=a.device)
+    print(format_table(payload))
+    print(f"{payload['studies']} studies, {payload['seconds']}s; wrote {a.out}/retrieval.json and recall_at_k.png")
+    return 0
+
+
+def _cmd_eval_draft(a: argparse.Namespace) -> int:
+    from eval.drafting import format_table, run
+
+    r = run(a.manifest, a.out, k=a.k, max_queries=a.max_queries, seed=a.seed, device=a.device)
+    print(format_table(r))
+    print(f"{r['queries']} held-out reports, k={r['k']}, {r['seconds']}s; wrote {a.out}/draft.json")
+    return 0
+
+
+def _cmd_draft(a: argparse.Namespace) -> int:
+    import os
+
+    from indexer.images import load_image
+    from retrieval.index import open_index
+    from retrieval.rag import create_generator
+    from retrieval.rag.draft import draft_report
+    from retrieval.search import Query, Searcher
+
+    if a.generator == "vlm" and not a.model_dir:
+        raise ValueError("--generator vlm needs --model-dir (a local transformers model directory)")
+    if a.generator == "http" and not (a.base_url and a.model):
+        raise ValueError("--generator http needs --base-url and --model")
+    prior_report = None
+    if a.prior_report:
+        prior_report = Path(a.prior_report).read_text(encoding="utf-8", errors="replace")
+    if a.prior_image and not prior_report:
+        print("medrag: note: --prior-image without --prior-report: interval changes need the prior report",
+              file=sys.stderr)
+    gen = create_generator(a.generator, model_dir=a.model_dir, base_url=a.base_url, model=a.model,
+                           api_key=os.environ.get(a.api_key_env), timeout=a.timeout, device=a.device)
+    index = open_index(a.index)
+    searcher = Searcher.for_index(index, device=a.device, load_text=False)
+    q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, exclude_patient_id=a.exclude_patient)
+    draft = draft_report(searcher, [load_image(f) for f in a.image], gen, q,
+                         prior_images=[load_image(f) for f in a.prior_image], prior_report=prior_report,
+                         prior_study_id=a.prior_study or "prior", prior_date=a.prior_date)
+    print(json.dumps(asdict(draft), indent=1) if a.json else draft.render())
+    return 0
+
+
+def _cmd_eval_entities(a: argparse.Namespace) -> int:
+    from eval.entities import score
+
+    r = score(a.gold, a.annotation)
+    print(json.dumps({k: v for k, v in r.items() if a.errors or k != "errors"}, indent=1))
+    return 0
+
+
+def _cmd_eval_synth(a: argparse.Namespace) -> int:
+    from eval.synthetic import generate
+
+    path = generate(a.out, a.studies, a.seed, a.size)
+    print(f"wrote {a.studies} synthetic studies: {path}")
     return 0
 
 

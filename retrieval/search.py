@@ -139,6 +139,16 @@ class Searcher:
         return SearchResult("image->report(via similar images)", res.space, res.conditioning, res.filter,
                             [h for h in res.hits if h.report])
 
+    def by_vector(self, vector: Sequence[float] | np.ndarray, space: str, q: Query) -> SearchResult:
+        """A caller-embedded query vector against one stored space (clients that embed themselves)."""
+        if space not in self.index.meta.spaces:
+            raise SearchError(f"unknown space {space!r}; this index has: {', '.join(self.index.meta.spaces)}")
+        vec = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        dim = self.index.meta.spaces[space]
+        if vec.shape[1] != dim or not np.isfinite(vec).all():
+            raise SearchError(f"space {space!r} takes {dim} finite numbers, got {vec.shape[1]}")
+        return self._run("vector", space, self._mean(vec), q, conditioned="@" in space)
+
     # ---- internals -------------------------------------------------------------------------
     def _space(self, anatomy: str | None) -> tuple[str, str | None]:
         if not anatomy:

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +130,8 @@ class NativeEncoder:
         if missing or unexpected:
             raise EncoderError(f"{FAMILY}: checkpoint {path} does not match its config "
                                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        if raw.get("text_tower") == "minilm" and (path / "text_proj.safetensors").is_file():
+            return NativeJointEncoder(cfg, model, device, path, load_file(str(path / "text_proj.safetensors")))
         return cls(cfg, model, device, path)
 
     @classmethod
@@ -195,6 +198,41 @@ class NativeEncoder:
     def describe(self) -> dict[str, object]:
         return {"family": FAMILY, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "dim": self.dim, "image_size": self.cfg.image_size}
+
+
+class NativeJointEncoder(NativeEncoder):
+    """A trained checkpoint with its report projection: MiniLM report embedding -> image space.
+
+    Written by ``medrag train`` (image<->report alignment), it makes text->image and
+    image->report search work with the native encoder.
+    """
+
+    def __init__(self, cfg: NativeConfig, model, device: str, checkpoint: Path, proj_state: dict) -> None:
+        import torch
+
+        super().__init__(cfg, model, device, checkpoint)
+        weight = proj_state["weight"]
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        self.proj.load_state_dict(proj_state)
+        self.proj = self.proj.to(self.device).eval()
+        self._text: Any = None  # MiniLM, loaded on first text query
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self._text is None:
+            from retrieval.encoders.hf import create_minilm
+
+            self._text = create_minilm(device=self.device)
+        base = torch.from_numpy(self._text.encode_texts(texts)).to(self.device)
+        with torch.inference_mode():
+            z = self.proj(base)
+        return l2_normalise(z.float().cpu().numpy())
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "joint": True}
 
 
 def create_native(checkpoint: str | Path | None = None, device: str = "cpu",

@@ -38,6 +38,7 @@ class IndexMeta(msgspec.Struct, frozen=True):
     text_encoder: dict[str, Any] | None = None
     conditioning: list[str] = []  # anatomies with an "image@<anatomy>" space
     index_kind: str = "flat"
+    image_root: str | None = None  # folder the payloads' relative image paths resolve against
     version: str = ""
     created: str = ""
 

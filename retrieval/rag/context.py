@@ -1,0 +1,73 @@
+"""Build the drafting context: retrieved cases (entity-tagged sentences), the prior, a budget.
+
+Sentences are tagged with the entities they state (coarse anatomy, as in evaluation), exact
+duplicates across cases are kept once (the first, most similar, case keeps it), and cases are
+added in rank order until the token budget is spent, so a long report cannot crowd out the
+others and a prompt always fits a model's context.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from retrieval.entities import EntityExtractor, report_labels
+from retrieval.rag.types import ContextCase, ContextSentence, DraftContext, PriorStudy
+from retrieval.similarity import coarse_anatomy
+from retrieval.taxonomy import Taxonomy, default_taxonomy
+
+_NOISE = re.compile(r"\bxxxx\b", re.IGNORECASE)
+
+
+def approx_tokens(text: str) -> int:
+    return int(len(text.split()) * 1.3) + 1
+
+
+def labels_of(report: str | None, ex: EntityExtractor, tax: Taxonomy) -> dict[str, str]:
+    rank = {"absent": 0, "uncertain": 1, "present": 2}
+    out: dict[str, str] = {}
+    for (anat, finding), status in report_labels(ex.extract(report)).items():
+        key = f"{coarse_anatomy(anat, tax)}|{finding}"
+        if key not in out or rank[status] > rank[out[key]]:
+            out[key] = status
+    return out
+
+
+class ContextBuilder:
+    def __init__(self, token_budget: int = 1500, taxonomy: Taxonomy | None = None) -> None:
+        self.budget = token_budget
+        self.tax = taxonomy or default_taxonomy()
+        self.ex = EntityExtractor(self.tax)
+
+    def sentences(self, study_id: str, report: str) -> tuple[ContextSentence, ...]:
+        out = []
+        for sent, ents in self.ex.sentence_entities(report):
+            labels = sorted({f"{coarse_anatomy(e.anatomy, self.tax)}|{e.finding}|{e.status}" for e in ents})
+            out.append(ContextSentence(sent.text.rstrip(".") + ".", study_id, tuple(labels)))
+        return tuple(out)
+
+    def build(self, cases: Sequence[tuple[str, float, str | None]], prior: tuple[str, str, str | None] | None = None,
+              anatomy: str | None = None, finding: str | None = None) -> DraftContext:
+        """``cases``: (study_id, score, report) in rank order; ``prior``: (study_id, report, date)."""
+        seen: set[str] = set()
+        kept: list[ContextCase] = []
+        used = 0
+        for sid, score, report in cases:
+            if not report or not report.strip():
+                continue
+            sents = []
+            for s in self.sentences(sid, report):
+                key = _NOISE.sub("", s.text.lower()).strip()
+                if key in seen:
+                    continue
+                seen.add(key)
+                sents.append(s)
+            cost = sum(approx_tokens(s.text) for s in sents)
+            if kept and used + cost > self.budget:
+                break
+            used += cost
+            kept.append(ContextCase(sid, float(score), report, labels_of(report, self.ex, self.tax), tuple(sents)))
+        pri = None
+        if prior is not None and prior[1] and prior[1].strip():
+            pri = PriorStudy(prior[0], prior[1], labels_of(prior[1], self.ex, self.tax), prior[2])
+        return DraftContext(tuple(kept), pri, anatomy, finding, used)

@@ -1,0 +1,312 @@
+"""Drafting with retrieved context: the extractive drafter, comparisons, citations, the three backends."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from eval.drafting import bleu4, rouge_l, tokens
+from retrieval.rag import ContextBuilder, ExtractiveGenerator, copy_nearest
+from retrieval.rag.context import labels_of
+from retrieval.rag.http import GeneratorError, OpenAICompatibleGenerator
+from retrieval.rag.prompting import build_prompt, parse_generated
+from retrieval.rag.vlm import DraftImages
+
+from .conftest import save_png, synthetic_cxr
+
+EFFUSION = "Small left pleural effusion. Heart size is normal. No pneumothorax."
+EFFUSION2 = "There is a small left pleural effusion. The heart is normal in size."
+NORMAL = "No pleural effusion. The lungs are clear. No acute cardiopulmonary abnormality."
+CARDIO = "The heart is enlarged. No focal consolidation."
+
+
+def _ctx(cases, prior=None, budget=1500):
+    return ContextBuilder(budget).build(cases, prior=prior)
+
+
+def _statuses(draft) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for s in draft.sentences():
+        for lab in s.labels:
+            key, _, st = lab.rpartition("|")
+            out.setdefault(key, set()).add(st)
+    return out
+
+
+def test_context_deduplicates_and_respects_the_budget():
+    ctx = _ctx([("a", 0.9, EFFUSION), ("b", 0.8, EFFUSION), ("c", 0.7, NORMAL)])
+    assert [c.study_id for c in ctx.cases] == ["a", "b", "c"]
+    assert ctx.cases[1].sentences == ()  # every sentence of b is a duplicate of a's
+    assert ctx.cases[0].labels["left pleura|effusion"] == "present"
+    assert ctx.cases[2].labels["pleura|effusion"] == "absent"
+    small = _ctx([("a", 0.9, EFFUSION), ("c", 0.7, NORMAL), ("d", 0.6, CARDIO)], budget=12)
+    assert [c.study_id for c in small.cases] == ["a"] and small.tokens <= 20  # first case always kept
+    assert _ctx([("e", 0.9, ""), ("f", 0.8, None)]).cases == ()
+
+
+def test_extractive_never_contradicts_and_cites_every_sentence():
+    # two close cases say "small left effusion", one farther says "no effusion": the majority wins
+    # and the "no pleural effusion" sentence must not appear beside it.
+    ctx = _ctx([("a", 0.9, EFFUSION), ("b", 0.85, EFFUSION2), ("c", 0.4, NORMAL)])
+    draft = ExtractiveGenerator().generate(ctx)
+    text = draft.text().lower()
+    assert "small left pleural effusion" in text and "no pleural effusion" not in text
+    for key, states in _statuses(draft).items():
+        assert len(states) == 1, f"contradiction on {key}: {states}"
+    assert draft.citation_share() == 1.0
+    known = {"a", "b", "c"}
+    assert all(set(s.citations) <= known for s in draft.sentences())
+    eff = next(s for s in draft.findings if "effusion" in s.text.lower())
+    assert set(eff.citations) == {"a", "b"}  # cited by every case that agrees, not only its source
+    assert any("effusion" in s.text.lower() for s in draft.impression)
+    assert "DRAFT" in draft.render() and "not a final report" in draft.render()
+
+
+def test_extractive_normal_study_gives_a_normal_impression():
+    ctx = _ctx([("n1", 0.9, NORMAL), ("n2", 0.8, "Heart size normal. Lungs clear. No effusion."),
+                ("x", 0.3, CARDIO)])
+    draft = ExtractiveGenerator().generate(ctx)
+    assert all(st == {"absent"} for st in _statuses(draft).values())
+    assert draft.impression and "no acute" in draft.impression[0].text.lower()
+    assert "n1" in draft.impression[0].citations
+
+
+def test_comparison_with_prior_states_interval_change():
+    cases = [("a", 0.9, "Large left pleural effusion. The heart is enlarged."),
+             ("b", 0.8, "Large left pleural effusion. Cardiomegaly. No pneumothorax."),
+             ("c", 0.7, "Moderate cardiomegaly. Large left pleural effusion. No pneumothorax.")]
+    prior = ("p1", "Small left pleural effusion. Cardiomegaly. Right upper lobe opacity.", "2020-01-01")
+    draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
+    changes = {lab.rpartition("|")[2]: s for s in draft.interval_changes for lab in s.labels}
+    assert set(changes) == {"worsened", "unchanged", "resolved"}
+    assert "effusion" in changes["worsened"].text and "cardiomegaly" in changes["unchanged"].text
+    assert "opacity" in changes["resolved"].text and "right lung" in changes["resolved"].text
+    assert all(s.citations[0] == "prior:p1" for s in draft.interval_changes)
+    new = ExtractiveGenerator().generate(_ctx(cases, prior=("p2", NORMAL, None)))
+    assert any(s.text.startswith("New effusion") for s in new.interval_changes)
+    assert "COMPARISON:" in new.render()
+
+
+def test_copy_nearest_is_the_top_report_verbatim():
+    ctx = _ctx([("a", 0.9, EFFUSION), ("c", 0.4, NORMAL)])
+    d = copy_nearest(ctx)
+    assert d.text() == EFFUSION and d.cases_used == [{"study_id": "a", "score": 0.9}]
+
+
+def test_parse_generated_keeps_only_known_citations():
+    ctx = _ctx([("a", 0.9, EFFUSION), ("c", 0.4, NORMAL)], prior=("p", CARDIO, None))
+    text = ("FINDINGS:\nSmall left pleural effusion [a, zzz]. No pneumothorax.\n"
+            "Heart size is normal. [c]\nThe moon is visible.\n"
+            "COMPARISON: New left effusion [prior:p].\nIMPRESSION: Left effusion [a].")
+    d = parse_generated(text, ctx, "test")
+    assert [s.citations for s in d.findings] == [("a",), ("a",), ("c",), ()]
+    assert d.findings[1].labels == ("pleura|pneumothorax|absent",)  # cited post hoc by agreement
+    assert d.interval_changes[0].citations == ("prior:p",) and d.impression[0].citations == ("a",)
+    assert "[uncited]" in d.render()  # unsupported text is shown as such, never attributed
+    prompt = build_prompt(ctx, 1, 1, ["a"])
+    assert "[a] (similarity 0.90)" in prompt and "Prior report [prior:p]" in prompt and "COMPARISON" in prompt
+
+
+def test_draft_metrics():
+    a = tokens("No pleural effusion. Heart size normal.")
+    assert bleu4([a], [a]) == pytest.approx(1.0) and rouge_l(a, a) == pytest.approx(1.0)
+    assert rouge_l(a, tokens("heart size normal")) == pytest.approx((1 + 1.44) * 1.0 * 0.5 / (0.5 + 1.44))
+    assert bleu4([a], [tokens("completely different words here")]) < 0.05
+    assert labels_of("No effusion. Possible right lower lobe pneumonia.", *_ex()) == {
+        "pleura|effusion": "absent", "right lung|pneumonia": "uncertain"}
+
+
+def _ex():
+    from retrieval.entities import EntityExtractor
+    from retrieval.taxonomy import default_taxonomy
+
+    tax = default_taxonomy()
+    return EntityExtractor(tax), tax
+
+
+# ---- OpenAI-compatible HTTP ------------------------------------------------------------------
+class _Server:
+    """A local chat-completions endpoint that replays scripted (status, body) answers."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server API)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                status, payload = server.script.pop(0) if server.script else (500, {"error": "script exhausted"})
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _reply(text: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+def test_http_generator_retries_then_parses_a_cited_draft():
+    ctx = _ctx([("a", 0.9, EFFUSION), ("c", 0.4, NORMAL)])
+    img = synthetic_cxr(0)
+    script = [(503, {"error": "loading"}), (200, _reply("FINDINGS: Small left pleural effusion [a].\n"
+                                                         "IMPRESSION: Left pleural effusion [a]."))]
+    with _Server(script) as srv:
+        gen = OpenAICompatibleGenerator(srv.url, "tiny-vlm", api_key="k3y", backoff=0.01)
+        draft = gen.generate(ctx, DraftImages([img], [], [("a", img)]))
+    assert len(srv.requests) == 2 and srv.requests[0]["path"] == "/v1/chat/completions"
+    assert srv.requests[0]["auth"] == "Bearer k3y"
+    parts = srv.requests[1]["body"]["messages"][1]["content"]
+    urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+    assert len(urls) == 2 and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert "[a] (similarity 0.90)" in parts[-1]["text"]
+    assert draft.findings[0].citations == ("a",) and draft.impression[0].citations == ("a",)
+
+
+def test_http_generator_errors_are_clear():
+    ctx = _ctx([("a", 0.9, EFFUSION)])
+    with _Server([(400, {"error": "model 'x' not found"})]) as srv:
+        with pytest.raises(GeneratorError, match="HTTP 400.*not found"):
+            OpenAICompatibleGenerator(srv.url, "x", backoff=0.01).generate(ctx)
+        assert len(srv.requests) == 1  # a bad request is not retried
+    with _Server([(500, {}), (502, {}), (503, {})]) as srv:
+        with pytest.raises(GeneratorError, match="3 attempts.*HTTP 503"):
+            OpenAICompatibleGenerator(srv.url, "x", retries=2, backoff=0.01).generate(ctx)
+    with _Server([(200, {"unexpected": True})]) as srv:
+        with pytest.raises(GeneratorError, match="unexpected response shape"):
+            OpenAICompatibleGenerator(srv.url, "x").generate(ctx)
+    with pytest.raises(GeneratorError, match="connection failed"):
+        OpenAICompatibleGenerator("http://127.0.0.1:9/v1", "x", retries=1, backoff=0.01, timeout=2).generate(ctx)
+
+
+# ---- transformers VLM from a local directory ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A random-weight LLaVA built from a config, saved, to be loaded back through the real path."""
+    from retrieval._compat import ensure_torchvision
+
+    ensure_torchvision()
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from retrieval.encoders.hf import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny-llava")
+    tok = BertTokenizerFast.from_pretrained(str(minilm_path()))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).eval().save_pretrained(out)
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                             crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1,
+                          chat_template="{% for m in messages %}{% for c in m['content'] %}"
+                                        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                                        "{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    proc.save_pretrained(out)
+    return out
+
+
+def test_vlm_generator_loads_a_local_model_and_drafts(tiny_llava):
+    from retrieval.encoders import EncoderError
+    from retrieval.rag import create_generator
+
+    gen = create_generator("vlm", model_dir=tiny_llava)
+    gen.max_new_tokens = 12
+    ctx = _ctx([("a", 0.9, EFFUSION), ("c", 0.4, NORMAL)], prior=("p", CARDIO, None))
+    img = synthetic_cxr(1)
+    d1 = gen.generate(ctx, DraftImages([img], [img], [("a", img)]))  # current + prior + 1 reference
+    d2 = gen.generate(ctx, DraftImages([img], [img], [("a", img)]))
+    assert d1.generator == "transformers-vlm" and [c["study_id"] for c in d1.cases_used] == ["a", "c"]
+    assert d1.render() == d2.render()  # greedy decoding: same inputs, same draft
+    known = {"a", "c", "prior:p"}
+    assert all(set(s.citations) <= known for s in d1.sentences())  # random weights cite nothing real
+    with pytest.raises(EncoderError, match="not a local transformers model directory"):
+        create_generator("vlm", model_dir=tiny_llava / "missing")
+
+
+# ---- the CLI, end to end: index -> retrieve -> draft -------------------------------------------
+def test_cli_draft_with_prior(tmp_path, capsys):
+    from indexer.build import BuildConfig, build_index
+    from indexer.manifest import Study, write_manifest
+    from retrieval.cli import main
+
+    studies = []
+    for i in range(12):
+        left = i % 2 == 0
+        save_png(tmp_path / f"im{i}.png", synthetic_cxr(i, left_blob=left))
+        rep = ("Patchy opacity in the left lower lobe. Small left pleural effusion." if left
+               else "The lungs are clear. No pleural effusion.")
+        studies.append(Study(study_id=f"s{i}", images=[f"im{i}.png"], report=rep, patient_id=f"p{i}"))
+    write_manifest(tmp_path / "m.jsonl", studies)
+    uri = f"faiss:{tmp_path}/ix"
+    build_index(tmp_path / "m.jsonl", uri, BuildConfig(encoder="pixels", text_encoder=None,
+                                                        conditioning=("left lung",)), progress=False)
+    query = save_png(tmp_path / "q.png", synthetic_cxr(99, left_blob=True))
+    (tmp_path / "prior.txt").write_text("The lungs are clear. No pleural effusion.")
+    assert main(["draft", "--index", uri, "--image", str(query), "--prior-report", str(tmp_path / "prior.txt"),
+                 "--prior-study", "s1", "-k", "4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    used = {c["study_id"] for c in d["cases_used"]}
+    assert "s1" not in used and len(used) == 4
+    assert any("effusion" in s["text"] for s in d["findings"])
+    assert any(s["text"].startswith("New effusion") and s["citations"][0] == "prior:s1" for s in d["interval_changes"])
+    assert all(s["citations"] for s in d["findings"] + d["impression"])
+    assert main(["draft", "--index", uri, "--image", str(query), "--generator", "http"]) == 2
+    assert "--base-url and --model" in capsys.readouterr().err
+
+
+def test_eval_draft_leave_one_out(tmp_path, capsys):
+    from indexer.manifest import Study, write_manifest
+    from retrieval.cli import main
+
+    reps = [EFFUSION, EFFUSION2, NORMAL, "No effusion. Lungs clear. No acute disease.", CARDIO,
+            "Cardiomegaly. No consolidation or effusion."]
+    write_manifest(tmp_path / "m.jsonl", [Study(study_id=f"r{i}", images=[], report=r) for i, r in enumerate(reps)])
+    assert main(["eval", "draft", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "extractive" in out and "copy-nearest" in out
+    r = json.loads((tmp_path / "o" / "draft.json").read_text())
+    assert r["queries"] == 6
+    for m in ("extractive", "copy-nearest"):
+        assert 0.0 <= r["methods"][m]["entity"]["f1"] <= 1.0
+        assert r["methods"][m]["cited_sentence_share"] == 1.0
+    assert r["methods"]["extractive"]["entity"]["f1"] > 0.3
+    assert np.isfinite(r["methods"]["copy-nearest"]["bleu4"])
