@@ -4,9 +4,10 @@
     medrag index build MANIFEST --index URI ...      encode and publish an index version
     medrag index info --index URI                    what an index holds
     medrag search --index URI (--image F | --study ID | --text T) [--anatomy A] [--finding F]
+    medrag serve --index URI --api-keys FILE [--port 8000]       the API and the web page
     medrag train MANIFEST --out DIR [--preset cpu-small|gpu]   train medrag-native
     medrag draft --index URI --image F [--prior-image P --prior-report R] [--generator ...]
-    medrag eval {retrieval,draft,entities,synth} ...           measure
+    medrag eval {retrieval,draft,load,entities,synth} ...      measure
 
 User errors (unknown anatomy, missing file, wrong index) print one line and exit 2.
 """
@@ -131,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--device", default="cpu")
     ed.set_defaults(func=_cmd_eval_draft)
+    el = ev.add_parser("load", help="API load benchmark: req/s and p50/p99 from a second process on loopback")
+    el.add_argument("--index", required=True)
+    el.add_argument("--out", required=True, help="folder for load.json")
+    el.add_argument("--requests", type=int, default=400, help="per scenario (upper bound)")
+    el.add_argument("--concurrency", type=int, default=4)
+    el.add_argument("--max-seconds", type=float, default=60.0, help="per scenario (upper bound)")
+    el.add_argument("-k", type=int, default=10)
+    el.set_defaults(func=_cmd_eval_load)
     ee = ev.add_parser("entities", help="extractor precision/recall on hand-checked reports")
     ee.add_argument("--gold", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/iu_xray_gold50.json"))
     ee.add_argument("--annotation", required=True, help="IU X-ray annotation.json")
@@ -142,6 +151,22 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--size", type=int, default=160)
     es.set_defaults(func=_cmd_eval_synth)
+
+    sv = sub.add_parser("serve", help="the HTTP API and the web page")
+    sv.add_argument("--index", help="index URI to serve")
+    sv.add_argument("--api-keys", help="JSON file of hashed API keys")
+    sv.add_argument("--add-key", metavar="NAME", help="create a key for NAME in --api-keys, print it once, exit")
+    sv.add_argument("--allow-anonymous", action="store_true", help="no API key needed (local development only)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--generator", choices=["extractive", "vlm", "http"], default="extractive")
+    sv.add_argument("--model-dir")
+    sv.add_argument("--base-url")
+    sv.add_argument("--model")
+    sv.add_argument("--max-body-mb", type=int, default=64)
+    sv.add_argument("--no-text-encoder", action="store_true", help="do not load the report encoder")
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("draft", help="draft a comparative report from retrieved analog cases")
     d.add_argument("--index", required=True)
@@ -291,6 +316,45 @@ def _cmd_eval_retrieval(a: argparse.Namespace) -> int:
     payload = run(a.manifest, a.out, encoders, cfg, reports_only=a.reports_only, device=a.device)
     print(format_table(payload))
     print(f"{payload['studies']} studies, {payload['seconds']}s; wrote {a.out}/retrieval.json and recall_at_k.png")
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    if a.add_key:
+        from api.keys import add_key
+
+        if not a.api_keys:
+            raise ValueError("--add-key needs --api-keys FILE")
+        key = add_key(a.api_keys, a.add_key)
+        print(f"API key for {a.add_key} (shown once; only its hash is stored in {a.api_keys}):\n{key}")
+        return 0
+    if not a.index:
+        raise ValueError("--index is required")
+    if not a.api_keys and not a.allow_anonymous:
+        raise ValueError("--api-keys FILE is required (create a key with --api-keys FILE --add-key NAME)")
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    settings = Settings(index=a.index, api_keys_file=a.api_keys, allow_anonymous=a.allow_anonymous, device=a.device,
+                        max_body_bytes=a.max_body_mb * 1024 * 1024, generator=a.generator,
+                        generator_model_dir=a.model_dir, generator_base_url=a.base_url, generator_model=a.model,
+                        generator_api_key=os.environ.get("MEDRAG_LLM_API_KEY"),
+                        load_text_encoder=not a.no_text_encoder)
+    logging.getLogger("medrag.api").setLevel(logging.INFO)
+    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level="warning", access_log=False)
+    return 0
+
+
+def _cmd_eval_load(a: argparse.Namespace) -> int:
+    from eval.load import format_table, run
+
+    r = run(a.index, a.out, requests=a.requests, concurrency=a.concurrency, max_seconds=a.max_seconds, k=a.k)
+    print(format_table(r))
+    print(f"concurrency {r['concurrency']}, k={r['k']}, server start {r['server_startup_s']}s; wrote {a.out}/load.json")
     return 0
 
 

@@ -1,0 +1,430 @@
+"""The HTTP service: ``create_app(settings)`` -> a Litestar app (``medrag serve`` runs it).
+
+The index, the encoders and the generator are opened once in the lifespan hook and shared by
+every request (opening an encoder per request would cost seconds). Model and index calls are
+blocking, so handlers run them in worker threads, one at a time per process (a lock): encoders
+and the embedded Qdrant engine are not documented thread-safe, and on a CPU box the matrix work
+is parallel inside each call anyway.
+
+Security: every ``/api`` route needs ``Authorization: Bearer <key>`` (hashed keys, :mod:`api.keys`);
+``/``, ``/static``, ``/health*``, ``/metrics`` and ``/schema`` do not. Request bodies are capped,
+uploads are typed by content and size-checked before decoding (:mod:`api.uploads`). The access
+log names route templates (``/api/cases/{study_id}``), never concrete paths, query strings,
+bodies or report text, so no patient identifier, name or date reaches the logs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.config import OpenAPIConfig
+from litestar.params import FromPath, FromQuery, JSONBody, MultipartBody
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.static_files import create_static_files_router
+
+from api.keys import KeyStore
+from api.schemas import (
+    CaseDetail,
+    CaseOut,
+    DraftForm,
+    DraftOut,
+    DraftSentenceOut,
+    EntityOut,
+    Health,
+    Highlight,
+    ImageSearchForm,
+    SearchOut,
+    Taxonomy,
+    TextSearchIn,
+    VectorSearchIn,
+)
+from api.settings import Settings
+from api.uploads import UploadError, decode
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("medrag.api")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Service:
+    """Everything a request needs, opened once."""
+
+    def __init__(self, settings: Settings) -> None:
+        from retrieval.entities import EntityExtractor
+        from retrieval.index import open_index
+        from retrieval.rag import create_generator
+        from retrieval.search import Searcher
+        from retrieval.taxonomy import default_taxonomy
+
+        self.settings = settings
+        self.index = open_index(settings.index)
+        self.searcher = Searcher.for_index(self.index, device=settings.device, load_text=settings.load_text_encoder)
+        self.generator = create_generator(settings.generator, model_dir=settings.generator_model_dir,
+                                          base_url=settings.generator_base_url, model=settings.generator_model,
+                                          api_key=settings.generator_api_key, device=settings.device)
+        self.tax = default_taxonomy()
+        self.extractor = EntityExtractor(self.tax)
+        self.lock = threading.Lock()
+        self.thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.studies = self._count_studies()
+
+    def _count_studies(self) -> int | None:
+        try:
+            from retrieval.index import SearchFilter
+
+            pts = self.index.find(SearchFilter(), limit=200_000)
+            return len({p.payload.get("study_id") for p in pts})
+        except Exception:  # counting is informative only
+            return None
+
+    def close(self) -> None:
+        self.index.close()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def study_points(self, study_id: str):
+        from retrieval.index import SearchFilter
+
+        pts = sorted(self.index.find(SearchFilter(study_ids=[study_id]), limit=256), key=lambda p: p.id)
+        if not pts:
+            raise NotFound(f"study {study_id!r} is not in the index")
+        return pts
+
+    def highlights(self, report: str | None, matched: list[str]) -> list[Highlight]:
+        if not report:
+            return []
+        want = {tuple(m.split("|")[:2]) for m in matched}
+        want_findings = {m.split("|")[1] for m in matched}
+        out = []
+        for e in self.extractor.extract(report):
+            status = "absent" if e.negated else ("uncertain" if e.uncertain else "present")
+            hit = (e.anatomy, e.finding) in want or (e.finding in want_findings and status != "absent")
+            out.append(Highlight(e.span[0], e.span[1], e.anatomy, e.finding, status, hit))
+        return out
+
+    def thumbnail(self, study_id: str, n: int) -> bytes:
+        key = (study_id, n)
+        if key in self.thumbs:
+            self.thumbs.move_to_end(key)
+            return self.thumbs[key]
+        from PIL import Image
+
+        from indexer.images import ImageLoadError, load_image
+
+        images = [p.payload["image"] for p in self.study_points(study_id) if p.payload.get("image")]
+        if not 0 <= n < len(images):
+            raise NotFound(f"study {study_id!r} has no image {n}")
+        path = resolve_image(images[n], self.index.meta.image_root)
+        try:
+            arr = load_image(path, name=f"image {n} of the study")  # windowed for DICOM
+        except ImageLoadError as exc:
+            raise NotFound(f"stored image is unavailable ({exc})") from exc
+        im = Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8), mode="L")
+        im.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        self.thumbs[key] = buf.getvalue()
+        while len(self.thumbs) > 512:
+            self.thumbs.popitem(last=False)
+        return self.thumbs[key]
+
+    def search_out(self, res, took: float) -> SearchOut:
+        hits = [CaseOut(h.study_id, h.score, h.modality, h.study_date, h.report, h.matched_entities,
+                        self.highlights(h.report, h.matched_entities),
+                        f"/api/cases/{h.study_id}/images/0" if h.image else None, h.images_matched)
+                for h in res.hits]
+        return SearchOut(res.mode, res.space, res.conditioning, res.filter, round(took * 1000, 2), hits)
+
+
+def resolve_image(rel: str, root: str | None) -> Path:
+    """A payload's image path, kept inside the index's image root when it is relative."""
+    p = Path(rel)
+    if p.is_absolute() or not root:
+        return p
+    base = Path(root).resolve()
+    full = (base / p).resolve()
+    if base != full and base not in full.parents:
+        raise NotFound("stored image path leaves the image root")
+    return full
+
+
+# ---- auth ------------------------------------------------------------------------------------------
+async def require_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    settings: Settings = connection.app.state.settings
+    if settings.allow_anonymous:
+        return
+    keys: KeyStore = connection.app.state["key_store"]
+    if keys.verify(connection.headers.get("authorization")) is None:
+        raise NotAuthorizedException("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+def _service(state: State) -> Service:
+    svc = state.get("service")
+    if svc is None:
+        raise HTTPException(status_code=503, detail=f"not ready: {state.get('startup_error') or 'starting'}")
+    return svc
+
+
+async def _blocking(svc: Service, fn):
+    def locked():
+        with svc.lock:
+            return fn()
+
+    return await anyio.to_thread.run_sync(locked)
+
+
+def _query(svc: Service, k: int, **kw: Any):
+    from retrieval.search import Query
+
+    if not 1 <= k <= svc.settings.max_k:
+        raise ValueError(f"k must be between 1 and {svc.settings.max_k}")
+    return Query(k=k, **kw)
+
+
+def _modalities(value: str | list[str] | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(x.strip() for x in items if x.strip()) or None
+
+
+# ---- routes ----------------------------------------------------------------------------------------
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def page() -> Response:
+    return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML)
+
+
+@get("/health", tags=["ops"])
+async def health(state: State) -> Health:
+    svc = state.get("service")
+    if svc is None:
+        err = state.get("startup_error")
+        return Health("error" if err else "starting", False, None, err)
+    meta = svc.index.meta
+    return Health("ok", True, {"backend": meta.backend, "version": meta.version, "points": len(svc.index),
+                               "studies": svc.studies, "spaces": sorted(meta.spaces),
+                               "image_encoder": (meta.image_encoder or {}).get("family"),
+                               "generator": getattr(svc.generator, "name", "?")})
+
+
+@get("/health/live", tags=["ops"])
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@get("/health/ready", tags=["ops"])
+async def ready(state: State) -> Response:
+    ok = state.get("service") is not None
+    return Response({"ready": ok}, status_code=200 if ok else 503)
+
+
+@get("/api/taxonomy", guards=[require_key], tags=["search"])
+async def taxonomy(state: State) -> Taxonomy:
+    svc = _service(state)
+    return Taxonomy(sorted(svc.tax.anatomies), list(svc.index.meta.conditioning), sorted(svc.tax.findings))
+
+
+@post("/api/search/image", status_code=200, guards=[require_key], tags=["search"])
+async def search_image(state: State, data: MultipartBody[ImageSearchForm]
+                       ) -> SearchOut:
+    """Search by an uploaded image (PNG, JPEG or DICOM), optionally conditioned on an anatomy."""
+    svc = _service(state)
+    img = await decode(await data.image.read(), "image", svc.settings)
+    q = _query(svc, data.k, anatomy=data.anatomy or None, finding=data.finding or None,
+               modality=_modalities(data.modality), exclude_patient_id=data.exclude_patient or None,
+               include_uncertain=data.include_uncertain)
+    t0 = time.perf_counter()
+    res = await _blocking(svc, lambda: (svc.searcher.reports_by_image if data.reports else svc.searcher.by_image)([img], q))
+    return svc.search_out(res, time.perf_counter() - t0)
+
+
+@get("/api/studies/{study_id:str}/similar", guards=[require_key], tags=["search"])
+async def search_study(state: State, study_id: FromPath[str], anatomy: FromQuery[str | None] = None,
+                       finding: FromQuery[str | None] = None, k: FromQuery[int] = 10,
+                       other_patients: FromQuery[bool] = False) -> SearchOut:
+    """Cases similar to a study already in the index."""
+    svc = _service(state)
+    q = _query(svc, k, anatomy=anatomy, finding=finding)
+    t0 = time.perf_counter()
+    res = await _blocking(svc, lambda: svc.searcher.by_study(study_id, q, same_patient=not other_patients))
+    return svc.search_out(res, time.perf_counter() - t0)
+
+
+@post("/api/search/text", status_code=200, guards=[require_key], tags=["search"])
+async def search_text(state: State, data: JSONBody[TextSearchIn]) -> SearchOut:
+    """Free text -> images (joint encoders) or -> reports (report embeddings)."""
+    from retrieval.encoders import is_joint
+
+    svc = _service(state)
+    if not data.text.strip():
+        raise ValueError("text must not be empty")
+    q = _query(svc, data.k, finding=data.finding, anatomy=data.anatomy if data.finding else None,
+               modality=_modalities(data.modality), exclude_patient_id=data.exclude_patient,
+               include_uncertain=data.include_uncertain)
+    target = data.target
+    if target == "auto":
+        target = "images" if is_joint(svc.searcher.image_encoder) else "reports"
+    if target not in ("images", "reports"):
+        raise ValueError("target must be auto, images or reports")
+    t0 = time.perf_counter()
+    if target == "images":  # the finding filter applies; anatomy conditioning is for image queries
+        from dataclasses import replace
+
+        q_img = replace(q, anatomy=None)
+        res = await _blocking(svc, lambda: svc.searcher.by_text(data.text, q_img))
+    else:
+        res = await _blocking(svc, lambda: svc.searcher.reports_by_text(data.text, q))
+    return svc.search_out(res, time.perf_counter() - t0)
+
+
+@post("/api/search/vector", status_code=200, guards=[require_key], tags=["search"])
+async def search_vector(state: State, data: JSONBody[VectorSearchIn]) -> SearchOut:
+    """A query vector the client computed, against one stored space."""
+    svc = _service(state)
+    q = _query(svc, data.k, finding=data.finding, modality=_modalities(data.modality),
+               exclude_patient_id=data.exclude_patient)
+    t0 = time.perf_counter()
+    res = await _blocking(svc, lambda: svc.searcher.by_vector(data.vector, data.space, q))
+    return svc.search_out(res, time.perf_counter() - t0)
+
+
+@get("/api/cases/{study_id:str}", guards=[require_key], tags=["cases"])
+async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
+    svc = _service(state)
+    pts = await _blocking(svc, lambda: svc.study_points(study_id))
+    p0 = pts[0].payload
+    report = p0.get("report")
+    ents = []
+    for e in svc.extractor.extract(report):
+        status = "absent" if e.negated else ("uncertain" if e.uncertain else "present")
+        ents.append(EntityOut(e.anatomy, e.finding, status, (report or "")[e.span[0]:e.span[1]]))
+    n_images = sum(1 for p in pts if p.payload.get("image"))
+    return CaseDetail(study_id, p0.get("modality"), p0.get("study_date"), report, ents,
+                      svc.highlights(report, []), [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])
+
+
+@get("/api/cases/{study_id:str}/images/{n:int}", guards=[require_key], tags=["cases"], media_type="image/png")
+async def case_image(state: State, study_id: FromPath[str], n: FromPath[int]) -> Response:
+    """A thumbnail rendered server-side from the stored image (DICOM windowed)."""
+    svc = _service(state)
+    png = await _blocking(svc, lambda: svc.thumbnail(study_id, n))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@post("/api/draft", status_code=200, guards=[require_key], tags=["draft"])
+async def draft(state: State, data: MultipartBody[DraftForm]) -> DraftOut:
+    """Draft a comparative report from retrieved analog cases (and a prior, when given)."""
+    from retrieval.rag.draft import draft_report
+
+    svc = _service(state)
+    img = await decode(await data.image.read(), "image", svc.settings)
+    prior_imgs = [await decode(await data.prior_image.read(), "prior_image", svc.settings)] if data.prior_image else []
+    q = _query(svc, data.k, anatomy=data.anatomy or None, finding=data.finding or None,
+               exclude_patient_id=data.exclude_patient or None)
+    d = await _blocking(svc, lambda: draft_report(
+        svc.searcher, [img], svc.generator, q, prior_images=prior_imgs, prior_report=data.prior_report or None,
+        prior_study_id=data.prior_study_id or "prior", prior_date=data.prior_date or None))
+
+    def sents(items):
+        return [DraftSentenceOut(s.text, list(s.citations)) for s in items]
+
+    return DraftOut(d.generator, d.disclaimer, sents(d.findings), sents(d.interval_changes), sents(d.impression),
+                    d.cases_used, d.render())
+
+
+# ---- errors and logging ----------------------------------------------------------------------------
+def _error(status: int):
+    def handler(_: Request, exc: Exception) -> Response:
+        return Response({"status_code": status, "detail": str(exc)}, status_code=getattr(exc, "status", status))
+
+    return handler
+
+
+def create_app(settings: Settings) -> Litestar:
+    from litestar.middleware import DefineMiddleware
+
+    from retrieval.encoders import EncoderError
+    from retrieval.index import IndexError_
+    from retrieval.rag.http import GeneratorError
+    from retrieval.search import SearchError
+    from retrieval.taxonomy import UnknownTermError
+
+    if settings.api_keys_file is None and not settings.allow_anonymous:
+        raise ValueError("an API key file is required (or allow_anonymous for local development)")
+    keys = KeyStore.load(settings.api_keys_file) if settings.api_keys_file else KeyStore({})
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        try:
+            app.state.service = await anyio.to_thread.run_sync(lambda: Service(settings))
+        except (IndexError_, EncoderError, OSError, ValueError) as exc:
+            app.state.startup_error = str(exc)  # /health says why; data routes answer 503
+            log.error("medrag API not ready: %s", exc)
+        try:
+            yield
+        finally:
+            svc = app.state.get("service")
+            if svc is not None:
+                svc.close()
+
+    prometheus = PrometheusConfig(app_name="medrag", prefix="medrag", group_path=True,
+                                  exclude=["^/metrics", "^/static"])
+    return Litestar(
+        route_handlers=[page, health, live, ready, taxonomy, search_image, search_study, search_text, search_vector,
+                        case_detail, case_image, draft, PrometheusController,
+                        create_static_files_router("/static", [STATIC])],
+        lifespan=[lifespan],
+        state=State({"settings": settings, "key_store": keys, "service": None, "startup_error": None}),
+        middleware=[prometheus.middleware, DefineMiddleware(AccessLog)],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="medrag", version="0.1.0", path="/schema",
+                                     description="Similar-case search and report drafting. Data routes need "
+                                                 "'Authorization: Bearer <key>'."),
+        exception_handlers={
+            UploadError: _error(400), UnknownTermError: _error(400), SearchError: _error(400),
+            GeneratorError: _error(502), NotFound: _error(404), ValueError: _error(400),
+        },
+        logging_config=None,
+    )
+
+
+class AccessLog:
+    """ASGI middleware: one line per request with the route template, status and duration."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info("%s %s -> %d in %.1f ms", scope.get("method"), scope.get("path_template") or "(unmatched)",
+                     status["code"], (time.perf_counter() - started) * 1000)

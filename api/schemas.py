@@ -1,0 +1,131 @@
+"""Request and response bodies (msgspec structs: validated on the way in, fast on the way out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar.datastructures import UploadFile
+
+
+class Highlight(msgspec.Struct, frozen=True):
+    start: int  # character offsets into the report
+    end: int
+    anatomy: str
+    finding: str
+    status: str  # present | uncertain | absent
+    matched: bool  # one of the entities the query asked for
+
+
+class CaseOut(msgspec.Struct, frozen=True):
+    study_id: str
+    score: float
+    modality: str | None
+    study_date: str | None
+    report: str | None
+    matched_entities: list[str]
+    highlights: list[Highlight]
+    thumbnail: str | None  # URL of the server-rendered thumbnail (needs the API key)
+    images_matched: int
+
+
+class SearchOut(msgspec.Struct, frozen=True):
+    mode: str
+    space: str
+    conditioning: str
+    filter: dict[str, Any]
+    took_ms: float
+    hits: list[CaseOut]
+
+
+class TextSearchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    text: str
+    target: str = "auto"  # auto | images | reports
+    finding: str | None = None
+    anatomy: str | None = None  # with finding: where it must be stated
+    modality: list[str] | None = None
+    exclude_patient: str | None = None
+    include_uncertain: bool = False
+    k: int = 10
+
+
+class VectorSearchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    vector: list[float]
+    space: str = "image"
+    finding: str | None = None
+    modality: list[str] | None = None
+    exclude_patient: str | None = None
+    k: int = 10
+
+
+class EntityOut(msgspec.Struct, frozen=True):
+    anatomy: str
+    finding: str
+    status: str
+    text: str
+
+
+class CaseDetail(msgspec.Struct, frozen=True):
+    study_id: str
+    modality: str | None
+    study_date: str | None
+    report: str | None
+    entities: list[EntityOut]
+    highlights: list[Highlight]
+    images: list[str]  # thumbnail URLs, one per stored image
+
+
+class DraftSentenceOut(msgspec.Struct, frozen=True):
+    text: str
+    citations: list[str]
+
+
+class DraftOut(msgspec.Struct, frozen=True):
+    generator: str
+    disclaimer: str
+    findings: list[DraftSentenceOut]
+    comparison: list[DraftSentenceOut]
+    impression: list[DraftSentenceOut]
+    cases_used: list[dict[str, Any]]
+    text: str  # the rendered draft, citations inline
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str  # ok | starting | error
+    ready: bool
+    index: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+class Taxonomy(msgspec.Struct, frozen=True):
+    anatomies: list[str]
+    conditioned: list[str]  # anatomies with their own embedding space in this index
+    findings: list[str]
+
+
+@dataclass
+class ImageSearchForm:
+    """Multipart: the image file plus the query's options as form fields."""
+
+    image: UploadFile
+    anatomy: str | None = None
+    finding: str | None = None
+    modality: str | None = None  # comma-separated
+    exclude_patient: str | None = None
+    include_uncertain: bool = False
+    reports: bool = False  # image -> report instead of image -> image
+    k: int = 10
+
+
+@dataclass
+class DraftForm:
+    image: UploadFile
+    prior_image: UploadFile | None = None
+    prior_report: str | None = None
+    prior_study_id: str | None = None
+    prior_date: str | None = None
+    anatomy: str | None = None
+    finding: str | None = None
+    exclude_patient: str | None = None
+    k: int = 5

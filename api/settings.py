@@ -1,0 +1,25 @@
+"""Service settings: one typed struct, filled from the CLI (``medrag serve``) or by tests."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    index: str  # index URI (faiss:/dir, qdrant+local:/dir, http://host:6333/name)
+    api_keys_file: str | None = None  # JSON of hashed keys; None only with allow_anonymous
+    allow_anonymous: bool = False  # development only: no key needed
+    device: str = "cpu"
+    max_body_bytes: int = 64 * 1024 * 1024  # whole request
+    max_upload_bytes: int = 48 * 1024 * 1024  # one uploaded file
+    max_upload_pixels: int = 40_000_000  # rows * columns * frames of an upload
+    max_upload_frames: int = 64  # DICOM multi-frame uploads
+    decode_timeout_s: float = 20.0  # per upload decode
+    max_k: int = 100
+    thumbnail_px: int = 256
+    generator: str = "extractive"  # extractive | vlm | http
+    generator_model_dir: str | None = None
+    generator_base_url: str | None = None
+    generator_model: str | None = None
+    generator_api_key: str | None = None
+    load_text_encoder: bool = True  # report space (text queries); off saves memory

@@ -1,0 +1,83 @@
+"""Uploaded images: type from content, size/frames/pixel limits before decoding, a decode deadline.
+
+A hostile or broken upload must cost a bounded amount of memory and time and end in a 4xx with
+a reason, never a worker stuck decoding a 60 000 x 60 000 "PNG" or a 10 000-frame DICOM.
+Messages name the form field, never the client's file name (it can carry a patient's name).
+"""
+
+from __future__ import annotations
+
+import io
+
+import anyio
+import numpy as np
+
+from api.settings import Settings
+from indexer.images import ImageLoadError, load_image, sniff
+
+
+class UploadError(ValueError):
+    """Rejected upload; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check(data: bytes, field: str, settings: Settings) -> str:
+    """Validate an upload before decoding; returns its kind (png/jpeg/dicom)."""
+    if not data:
+        raise UploadError(f"{field}: empty upload")
+    if len(data) > settings.max_upload_bytes:
+        raise UploadError(f"{field}: {len(data)} bytes exceeds the {settings.max_upload_bytes}-byte limit", 413)
+    kind = sniff(data[:132])
+    if kind is None:
+        raise UploadError(f"{field}: not a PNG, JPEG or DICOM file (checked by content)", 415)
+    if kind == "dicom":
+        _check_dicom_header(data, field, settings)
+    else:
+        _check_raster_header(data, field, settings)
+    return kind
+
+
+def _check_dicom_header(data: bytes, field: str, settings: Settings) -> None:
+    from indexer.dicom import DicomDecodeError, as_int, read_header
+
+    try:
+        h = read_header(data)
+    except DicomDecodeError as exc:
+        raise UploadError(f"{field}: unreadable DICOM ({_reason(exc)})") from exc
+    rows, cols, frames = as_int(h.get("Rows")), as_int(h.get("Columns")), max(1, as_int(h.get("NumberOfFrames"), 1))
+    if frames > settings.max_upload_frames:
+        raise UploadError(f"{field}: {frames} frames exceeds the {settings.max_upload_frames}-frame limit", 413)
+    if rows * cols * frames > settings.max_upload_pixels:
+        raise UploadError(f"{field}: {cols}x{rows}x{frames} exceeds the {settings.max_upload_pixels}-pixel limit", 413)
+
+
+def _check_raster_header(data: bytes, field: str, settings: Settings) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UploadError(f"{field}: corrupt image ({type(exc).__name__})") from exc
+    if w * h > settings.max_upload_pixels:
+        raise UploadError(f"{field}: {w}x{h} exceeds the {settings.max_upload_pixels}-pixel limit", 413)
+
+
+async def decode(data: bytes, field: str, settings: Settings) -> np.ndarray:
+    """Check, then decode in a worker thread under a deadline."""
+    check(data, field, settings)
+    try:
+        with anyio.fail_after(settings.decode_timeout_s):
+            return await anyio.to_thread.run_sync(lambda: load_image(data, name=field), abandon_on_cancel=True)
+    except TimeoutError as exc:
+        raise UploadError(f"{field}: decoding took longer than {settings.decode_timeout_s:.0f}s", 422) from exc
+    except ImageLoadError as exc:
+        raise UploadError(str(exc)) from exc
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text

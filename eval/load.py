@@ -1,0 +1,164 @@
+"""``medrag eval load``: API throughput and latency, measured from a second process on loopback.
+
+Starts ``medrag serve`` on a free loopback port (its own process, a throwaway API key), then
+drives it with an async client at a fixed concurrency, bounded by a request count and a time
+limit per scenario:
+
+* ``search-by-vector``: ``POST /api/search/vector`` with stored vectors of the index (the
+  engine + API overhead, no encoder);
+* ``search-by-upload``: ``POST /api/search/image`` with PNG uploads of the index's own images
+  (decode + encode + search).
+
+Reports requests/s and p50/p90/p99 latency per scenario. Client and server share the machine's
+cores, so figures are a floor for a dedicated server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[bytes]]:
+    """Query vectors and PNG uploads taken from the index itself."""
+    from PIL import Image
+
+    from api.app import resolve_image
+    from indexer.images import ImageLoadError, load_image
+    from retrieval.index import SearchFilter, open_index
+
+    index = open_index(uri)
+    try:
+        points = [p for p in index.find(SearchFilter(), limit=5000) if p.payload.get("image")]
+        if not points:
+            raise ValueError(f"{uri}: no image points to draw queries from")
+        rng = np.random.default_rng(seed)
+        pick = [points[i] for i in rng.choice(len(points), min(n, len(points)), replace=False)]
+        vectors = index.vectors("image", [p.id for p in pick]).tolist()
+        uploads = []
+        for p in pick[:32]:
+            try:
+                arr = load_image(resolve_image(p.payload["image"], index.meta.image_root))
+            except ImageLoadError:
+                continue
+            buf = io.BytesIO()
+            Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+            uploads.append(buf.getvalue())
+        return vectors, uploads
+    finally:
+        index.close()
+
+
+async def _drive(url: str, key: str, make_request, requests: int, concurrency: int, max_seconds: float) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + max_seconds
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+        async def worker() -> None:
+            nonlocal sent, errors
+            while sent < requests and time.perf_counter() < deadline:
+                i = sent
+                sent += 1
+                t0 = time.perf_counter()
+                r = await make_request(client, i)
+                if r.status_code == 200:
+                    lat.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        for i in range(min(4, requests)):  # warm-up, not counted
+            await make_request(client, i)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {"requests": len(lat), "errors": errors, "seconds": round(wall, 2),
+            "req_per_s": round(len(lat) / wall, 1) if wall else 0.0,
+            "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "p90_ms": round(float(np.percentile(ms, 90)), 1) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+
+
+def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4, max_seconds: float = 60.0,
+        k: int = 10, seed: int = 0) -> dict:
+    import httpx
+
+    from api.keys import add_key
+
+    vectors, uploads = _payloads(uri, requests, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        key = add_key(Path(tmp) / "keys.json", "load-benchmark")
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", uri, "--api-keys",
+                                 str(Path(tmp) / "keys.json"), "--port", str(port), "--no-text-encoder"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            t_start = time.perf_counter()
+            while True:
+                try:
+                    if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.perf_counter() - t_start > 180:
+                    raise RuntimeError(f"medrag serve did not start: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.2)
+            startup = time.perf_counter() - t_start
+
+            async def by_vector(client, i):
+                return await client.post("/api/search/vector", json={"vector": vectors[i % len(vectors)], "k": k})
+
+            async def by_upload(client, i):
+                files = {"image": ("q.png", uploads[i % len(uploads)], "image/png")}
+                return await client.post("/api/search/image", files=files, data={"k": str(k)})
+
+            scenarios: dict[str, Any] = {}
+            scenarios["search-by-vector"] = asyncio.run(_drive(url, key, by_vector, requests, concurrency, max_seconds))
+            scenarios["search-by-upload"] = asyncio.run(_drive(url, key, by_upload, requests, concurrency, max_seconds))
+            metrics = httpx.get(url + "/metrics", timeout=5).text
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if proc.stderr:
+                proc.stderr.close()
+    result = {"index": uri, "concurrency": concurrency, "k": k, "server_startup_s": round(startup, 2),
+              "upload_bytes_mean": int(np.mean([len(u) for u in uploads])) if uploads else 0,
+              "scenarios": scenarios,
+              "server_counted": sum(1 for line in metrics.splitlines()
+                                    if line.startswith("medrag_requests_total") and "/api/search" in line)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'scenario':18s} {'n':>5s} {'err':>4s} {'req/s':>7s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}"]
+    for name, s in result["scenarios"].items():
+        lines.append(f"{name:18s} {s['requests']:5d} {s['errors']:4d} {s['req_per_s']:7.1f} {s['p50_ms'] or 0:8.1f} "
+                     f"{s['p90_ms'] or 0:8.1f} {s['p99_ms'] or 0:8.1f}")
+    return "\n".join(lines)
