@@ -4,24 +4,40 @@ Bad input never stops a build: an unreadable image or corrupt DICOM is skipped w
 naming the file, a study without a report is indexed without report vectors, and the end report
 lists everything skipped. Nothing is visible to readers until the final atomic publish, so a
 killed build leaves the previous version serving.
+
+Builds are resumable: studies are encoded in segments kept under the index's state directory
+(:mod:`indexer.segments`); a rerun, ``add_studies`` and ``delete_studies`` encode only what is
+not encoded yet, then assemble all segments in manifest order into a new published version.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexer.images import ImageLoadError, load_image
-from indexer.manifest import ManifestError, Study, read_manifest, resolve_image
+from indexer.manifest import ManifestError, Study, read_manifest, resolve_image, write_manifest
+from indexer.segments import Segment, SegmentStore, build_lock, fingerprint, study_key
 from retrieval.encoders import create_encoder, is_joint
 from retrieval.entities import EntityExtractor, report_labels
-from retrieval.index import IMAGE, REPORT, REPORT_JOINT, IndexMeta, anatomy_space, open_writer
+from retrieval.index import (
+    IMAGE,
+    REPORT,
+    REPORT_JOINT,
+    IndexMeta,
+    anatomy_space,
+    open_writer,
+    parse_uri,
+)
 from retrieval.index.base import date_to_day
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
@@ -52,6 +68,8 @@ class BuildReport:
     reports: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reused: int = 0  # studies whose vectors came from earlier (possibly killed) runs
+    segments_written: int = 0
 
 
 def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy,
@@ -87,9 +105,104 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
     }
 
 
-def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True) -> BuildReport:
+def state_dir_for(uri: str) -> Path:
+    """Where a build keeps its segments, lock and record of what was published."""
+    loc = parse_uri(uri)
+    if loc.path is not None:
+        return loc.path / ".build"
+    base = Path(os.environ.get("MEDRAG_STATE", "~/.cache/medrag")).expanduser()
+    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True,
+                work_dir: str | Path | None = None, segment_size: int = 256) -> BuildReport:
+    """Encode what is not encoded yet (resumable), assemble, publish atomically.
+
+    A rerun after a crash or SIGKILL skips every finished segment; a changed manifest encodes
+    only new or changed studies. One build per index at a time (lock).
+    """
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
+    state = Path(work_dir) if work_dir else state_dir_for(uri)
+    with build_lock(state):
+        errors: list[str] = []
+        studies = list(read_manifest(manifest, errors=errors))
+        report.skipped.extend(errors)
+        _build(studies, manifest, uri, cfg, state, report, progress, segment_size)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir: str | Path | None = None) -> BuildReport:
+    """Add (or replace, by study id) the studies of ``manifest`` in a published index."""
+    t0 = time.perf_counter()
+    report = BuildReport(uri=uri)
+    state = Path(work_dir) if work_dir else state_dir_for(uri)
+    with build_lock(state):
+        cfg, current = _published(state, uri)
+        errors: list[str] = []
+        new = [_absolute(s, manifest) for s in read_manifest(manifest, errors=errors)]
+        report.skipped.extend(errors)
+        ids = {s.study_id for s in new}
+        merged = [s for s in current if s.study_id not in ids] + new
+        pending = state / "pending.jsonl"
+        write_manifest(pending, merged)
+        _build(merged, pending, uri, cfg, state, report, progress, 256)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def delete_studies(uri: str, study_ids: list[str], work_dir: str | Path | None = None) -> BuildReport:
+    """Publish a new version without ``study_ids`` (no re-encoding)."""
+    t0 = time.perf_counter()
+    report = BuildReport(uri=uri)
+    state = Path(work_dir) if work_dir else state_dir_for(uri)
+    with build_lock(state):
+        cfg, current = _published(state, uri)
+        unknown = sorted(set(study_ids) - {s.study_id for s in current})
+        if unknown:
+            raise ManifestError(f"not in the index: {', '.join(unknown[:10])}")
+        kept = [s for s in current if s.study_id not in set(study_ids)]
+        if not kept:
+            raise ManifestError("deleting every study would leave an empty index")
+        pending = state / "pending.jsonl"
+        write_manifest(pending, kept)
+        _build(kept, pending, uri, cfg, state, report, False, 256)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _published(state: Path, uri: str) -> tuple[BuildConfig, list[Study]]:
+    rec = state / "published.json"
+    if not rec.is_file():
+        raise ManifestError(f"{uri}: no build record in {state} (build it with `medrag index build` first)")
+    raw = json.loads(rec.read_text())
+    conf = raw["config"]
+    conf["conditioning"] = tuple(conf["conditioning"]) if conf.get("conditioning") is not None else None
+    return BuildConfig(**conf), list(read_manifest(state / "published.jsonl"))
+
+
+def _absolute(study: Study, manifest: str | Path) -> Study:
+    import msgspec
+
+    return msgspec.structs.replace(study, images=[str(resolve_image(manifest, r)) for r in study.images])
+
+
+def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, conditioning: list[str],
+                          spaces: dict[str, int]) -> str:
+    def weights(ckpt: str | None) -> list[tuple[str, int, int]]:
+        if not ckpt or not Path(ckpt).exists():
+            return []
+        files = [Path(ckpt)] if Path(ckpt).is_file() else sorted(p for p in Path(ckpt).rglob("*") if p.is_file())
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+    return fingerprint({"image": image_enc.describe(), "text": text_enc.describe() if text_enc else None,
+                        "conditioning": conditioning, "spaces": spaces, "snippet": REPORT_SNIPPET,
+                        "weights": weights(cfg.checkpoint) + weights(cfg.text_checkpoint), "format": 1})
+
+
+def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfig, state: Path,
+           report: BuildReport, progress: bool, segment_size: int) -> None:
     tax = default_taxonomy()
     extractor = EntityExtractor(tax)
     image_enc = create_encoder(cfg.encoder, checkpoint=cfg.checkpoint, device=cfg.device,
@@ -104,57 +217,136 @@ def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool
         spaces[REPORT] = text_enc.dim
     if is_joint(image_enc):
         spaces[REPORT_JOINT] = image_enc.dim
+    image_root = Path(manifest).resolve().parent
     meta = IndexMeta(backend="", spaces=spaces, count=0, image_encoder=image_enc.describe(),
                      text_encoder=text_enc.describe() if text_enc else None, conditioning=conditioning,
-                     image_root=str(Path(manifest).resolve().parent))
-    errors: list[str] = []
-    studies = list(read_manifest(manifest, errors=errors))
-    report.skipped.extend(errors)
+                     image_root=str(image_root))
+    store = SegmentStore(state / "segments" / _encoders_fingerprint(cfg, image_enc, text_enc, conditioning, spaces))
+    keys = [study_key(_absolute(s, manifest), manifest) for s in studies]
+    done = store.encoded_keys()
+    todo = [(s, k) for s, k in zip(studies, keys, strict=True) if k not in done]
+    report.reused = len(studies) - len(todo)
+    bar = _bar(len(todo), progress)
+    for i in range(0, len(todo), segment_size):
+        chunk = todo[i:i + segment_size]
+        seg = _encode_segment(chunk, manifest, image_enc, text_enc, conditioning, spaces, tax, extractor,
+                              cfg.batch_size)
+        path = store.write(seg)
+        done.update({k: path for k in seg.study_keys})
+        report.segments_written += 1
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
+    _record(state, manifest, studies, cfg)
+    live = set(keys)
+    for f in store.files():  # segments of deleted or changed studies only
+        if f not in {done[k] for k in live if k in done}:
+            f.unlink(missing_ok=True)
+
+
+def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_enc: Any, text_enc: Any,
+                    conditioning: list[str], spaces: dict[str, int], tax: Taxonomy, extractor: EntityExtractor,
+                    batch_size: int) -> Segment:
+    seg = Segment(study_keys=[k for _, k in chunk])
+    key_of = {id(s): k for s, k in chunk}
+    vecs: dict[str, list[np.ndarray]] = {sp: [] for sp in spaces}
+    pres: dict[str, list[np.ndarray]] = {sp: [] for sp in spaces}
+
+    def skip(study: Study, message: str) -> None:
+        seg.skipped.setdefault(key_of[id(study)], []).append(message)
+
+    for batch in _batches([s for s, _ in chunk], manifest, batch_size, skip):
+        has_img = np.array([img is not None for _, _, img, _ in batch])
+        imgs = [img for _, _, img, _ in batch if img is not None]
+        for space, anatomy in [(IMAGE, None)] + [(anatomy_space(a), a) for a in conditioning]:
+            vecs[space].append(_scatter(image_enc.encode_images(imgs, anatomy=anatomy), has_img, image_enc.dim))
+            pres[space].append(has_img)
+        texts = [s.report or "" for s, _, _, _ in batch]
+        has_rep = np.array([bool(t.strip()) for t in texts])
+        if text_enc is not None:
+            vecs[REPORT].append(_scatter(text_enc.encode_texts([t for t in texts if t.strip()]), has_rep, text_enc.dim))
+            pres[REPORT].append(has_rep)
+        if REPORT_JOINT in spaces:
+            vecs[REPORT_JOINT].append(_scatter(image_enc.encode_texts([t for t in texts if t.strip()]),
+                                               has_rep, image_enc.dim))
+            pres[REPORT_JOINT].append(has_rep)
+        for s, rel, _, view in batch:
+            abs_img = str(resolve_image(manifest, rel)) if rel else None
+            seg.payloads.append(payload_for(s, abs_img, view, tax, extractor))
+            seg.point_study.append(key_of[id(s)])
+    for sp, dim in spaces.items():
+        seg.vectors[sp] = np.concatenate(vecs[sp]) if vecs[sp] else np.zeros((0, dim), np.float32)
+        seg.present[sp] = np.concatenate(pres[sp]) if pres[sp] else np.zeros(0, bool)
+    return seg
+
+
+def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], store: SegmentStore, uri: str,
+              spaces: dict[str, int], meta: IndexMeta, cfg: BuildConfig, image_root: Path,
+              report: BuildReport) -> None:
+    """Write every study's points, in manifest order, into a new version; publish it."""
+    segments: dict[Path, Segment] = {}
+    rows: dict[str, list[tuple[Segment, int]]] = {}
+    for path in dict.fromkeys(done[k] for k in keys):
+        seg = segments[path] = store.read(path)
+        for i, k in enumerate(seg.point_study):
+            rows.setdefault(k, []).append((seg, i))
     writer = open_writer(uri, spaces, meta, cfg.index_kind)
-    next_id = 0
     try:
-        bar = _bar(len(studies), progress)
-        for batch in _batches(studies, manifest, cfg.batch_size, report):
-            ids = np.arange(next_id, next_id + len(batch), dtype=np.int64)
-            next_id += len(batch)
-            has_img = np.array([img is not None for _, _, img, _ in batch])
-            imgs = [img for _, _, img, _ in batch if img is not None]
-            vectors: dict[str, np.ndarray] = {}
-            present: dict[str, np.ndarray] = {}
-            for space, anatomy in [(IMAGE, None)] + [(anatomy_space(a), a) for a in conditioning]:
-                vectors[space] = _scatter(image_enc.encode_images(imgs, anatomy=anatomy), has_img, image_enc.dim)
-                present[space] = has_img
-            texts = [s.report or "" for s, _, _, _ in batch]
-            has_rep = np.array([bool(t.strip()) for t in texts])
-            if text_enc is not None:
-                vectors[REPORT] = _scatter(text_enc.encode_texts([t for t in texts if t.strip()]), has_rep, text_enc.dim)
-                present[REPORT] = has_rep
-            if REPORT_JOINT in spaces:
-                vectors[REPORT_JOINT] = _scatter(image_enc.encode_texts([t for t in texts if t.strip()]),  # type: ignore[attr-defined]
-                                                 has_rep, image_enc.dim)
-                present[REPORT_JOINT] = has_rep
-            payloads = [payload_for(s, rel, view, tax, extractor) for s, rel, _, view in batch]
-            writer.add(ids, vectors, payloads, present)
-            report.points += len(batch)
-            report.images += int(has_img.sum())
-            if bar is not None:
-                bar.update(len({s.study_id for s, _, _, _ in batch}))
-        if bar:
-            bar.close()
-        report.studies = len({s.study_id for s in studies}) - _fully_skipped(report)
-        report.reports = sum(1 for s in studies if s.report)
+        buf: list[tuple[Segment, int]] = []
+        next_id = 0
+        seen: set[str] = set()
+        for study, key in zip(studies, keys, strict=True):
+            if key in seen:
+                continue
+            seen.add(key)
+            seg_of = segments[done[key]]
+            report.skipped.extend(seg_of.skipped.get(key, []))
+            points = rows.get(key, [])
+            buf.extend(points)
+            if points:
+                report.studies += 1
+                report.reports += int(bool(study.report))
+            if len(buf) >= 1024:
+                next_id = _flush(writer, buf, next_id, spaces, image_root, report)
+                buf = []
+        if buf:
+            next_id = _flush(writer, buf, next_id, spaces, image_root, report)
         if report.points == 0:
-            raise ManifestError(f"{manifest}: nothing to index ({len(report.skipped)} skipped)")
+            raise ManifestError(f"nothing to index ({len(report.skipped)} skipped)")
         report.version = writer.commit()
     except BaseException:
         writer.abort()
         raise
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
-def _fully_skipped(report: BuildReport) -> int:
-    return sum(1 for s in report.skipped if s.startswith("study ") and s.endswith("no readable image"))
+def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[str, int], image_root: Path,
+           report: BuildReport) -> int:
+    ids = np.arange(next_id, next_id + len(buf), dtype=np.int64)
+    vectors = {sp: np.stack([seg.vectors[sp][i] for seg, i in buf]) for sp in spaces}
+    present = {sp: np.array([bool(seg.present[sp][i]) for seg, i in buf]) for sp in spaces}
+    payloads = []
+    for seg, i in buf:
+        p = dict(seg.payloads[i])
+        if p.get("image"):
+            try:
+                p["image"] = str(Path(p["image"]).relative_to(image_root))
+            except ValueError:
+                pass
+        payloads.append(p)
+    writer.add(ids, vectors, payloads, present)
+    report.points += len(buf)
+    report.images += int(present[IMAGE].sum())
+    return next_id + len(buf)
+
+
+def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig) -> None:
+    """What the published version holds, for later add/delete (images as absolute paths)."""
+    write_manifest(state / "published.jsonl", [_absolute(s, manifest) for s in studies])
+    tmp = state / ".published.json.tmp"
+    tmp.write_text(json.dumps({"manifest": str(Path(manifest).resolve()), "config": asdict(cfg)}, indent=1))
+    os.replace(tmp, state / "published.json")
 
 
 def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:
@@ -165,7 +357,7 @@ def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:
 
 
 def _batches(studies: list[Study], manifest: str | Path, size: int,
-             report: BuildReport) -> Iterator[list[tuple[Study, str | None, np.ndarray | None, str | None]]]:
+             skip: Callable[[Study, str], None]) -> Iterator[list[tuple[Study, str | None, np.ndarray | None, str | None]]]:
     """Yield (study, image path, pixels, view) points; report-only studies give one point."""
     batch: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
     for study in studies:
@@ -174,7 +366,7 @@ def _batches(studies: list[Study], manifest: str | Path, size: int,
             try:
                 pixels = load_image(resolve_image(manifest, rel), name=rel)
             except ImageLoadError as exc:
-                report.skipped.append(str(exc))
+                skip(study, str(exc))
                 continue
             view = study.view[i] if study.view and i < len(study.view) else None
             points.append((study, rel, pixels, view))
@@ -182,7 +374,7 @@ def _batches(studies: list[Study], manifest: str | Path, size: int,
             if study.report and not study.images:
                 points.append((study, None, None, None))
             else:
-                report.skipped.append(f"study {study.study_id}: no readable image")
+                skip(study, f"study {study.study_id}: no readable image")
                 continue
         batch.extend(points)
         if len(batch) >= size:

@@ -1,13 +1,14 @@
 """``medrag``: one console script whose verbs mirror the jobs.
 
     medrag index manifest {folder,r2gen,dicom} ...   write a manifest from what you have
-    medrag index build MANIFEST --index URI ...      encode and publish an index version
+    medrag index build MANIFEST --index URI ...      encode and publish an index version (resumable)
+    medrag index add MANIFEST --index URI            add/replace studies;  index delete --study ID ...
     medrag index info --index URI                    what an index holds
     medrag search --index URI (--image F | --study ID | --text T) [--anatomy A] [--finding F]
     medrag serve --index URI --api-keys FILE [--port 8000]       the API and the web page
     medrag train MANIFEST --out DIR [--preset cpu-small|gpu]   train medrag-native
     medrag draft --index URI --image F [--prior-image P --prior-report R] [--generator ...]
-    medrag eval {retrieval,draft,load,entities,synth} ...      measure
+    medrag eval {retrieval,draft,load,speed,entities,synth} ... measure
 
 User errors (unknown anatomy, missing file, wrong index) print one line and exit 2.
 """
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from indexer.images import ImageLoadError
     from indexer.manifest import ManifestError
+    from indexer.segments import BuildLockedError
     from retrieval.encoders import EncoderError
     from retrieval.index import IndexError_
     from retrieval.rag.http import GeneratorError
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UnknownTermError, ImageLoadError, ManifestError, EncoderError, IndexError_, SearchError,
-            GeneratorError, FileNotFoundError, ValueError) as exc:
+            GeneratorError, BuildLockedError, FileNotFoundError, ValueError) as exc:
         print(f"medrag: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -89,7 +91,23 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
+    b.add_argument("--work-dir", help="segments, lock and build record (default: <index>/.build)")
+    b.add_argument("--segment-size", type=int, default=256, help="studies per resumable segment")
+    b.add_argument("--random-init", action="store_true", help="untrained medrag-native (baselines, tests)")
     b.set_defaults(func=_cmd_build)
+    ad = idx.add_parser("add", help="add or replace studies (by id) in a published index, encoding only those")
+    ad.add_argument("manifest")
+    ad.add_argument("--index", required=True)
+    ad.add_argument("--work-dir")
+    ad.add_argument("--no-progress", action="store_true")
+    ad.add_argument("--json", action="store_true")
+    ad.set_defaults(func=_cmd_add)
+    de = idx.add_parser("delete", help="publish a new version without the given studies")
+    de.add_argument("--index", required=True)
+    de.add_argument("--study", nargs="+", required=True, help="study id(s)")
+    de.add_argument("--work-dir")
+    de.add_argument("--json", action="store_true")
+    de.set_defaults(func=_cmd_delete)
     info = idx.add_parser("info", help="describe a published index")
     info.add_argument("--index", required=True)
     info.set_defaults(func=_cmd_info)
@@ -140,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
     el.add_argument("--max-seconds", type=float, default=60.0, help="per scenario (upper bound)")
     el.add_argument("-k", type=int, default=10)
     el.set_defaults(func=_cmd_eval_load)
+    sp = ev.add_parser("speed", help="build/query N x D vectors on FAISS HNSW/IVF and embedded Qdrant vs exact")
+    sp.add_argument("--out", required=True, help="folder for speed.json")
+    sp.add_argument("-n", type=int, default=1_000_000)
+    sp.add_argument("--dim", type=int, default=512)
+    sp.add_argument("--queries", type=int, default=200)
+    sp.add_argument("--backends", default="faiss:hnsw,faiss:ivf,qdrant+local:hnsw")
+    sp.add_argument("--work-dir", help="where the temporary indexes go (needs ~3x the vectors' size)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_cmd_eval_speed)
     ee = ev.add_parser("entities", help="extractor precision/recall on hand-checked reports")
     ee.add_argument("--gold", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/iu_xray_gold50.json"))
     ee.add_argument("--annotation", required=True, help="IU X-ray annotation.json")
@@ -249,18 +276,36 @@ def _cmd_build(a: argparse.Namespace) -> int:
         encoder=a.encoder, checkpoint=a.checkpoint,
         text_encoder=None if a.text_encoder in ("none", "") else a.text_encoder,
         conditioning=tuple(x.strip() for x in a.conditioning.split(",")) if a.conditioning else None,
-        index_kind=a.kind, batch_size=a.batch_size, device=a.device)
+        index_kind=a.kind, batch_size=a.batch_size, device=a.device, allow_random_init=a.random_init)
     if not Path(a.manifest).is_file():
         raise FileNotFoundError(f"manifest {a.manifest} not found")
-    rep = build_index(a.manifest, a.index, cfg, progress=not a.no_progress)
-    if a.json:
+    rep = build_index(a.manifest, a.index, cfg, progress=not a.no_progress, work_dir=a.work_dir,
+                      segment_size=a.segment_size)
+    return _print_build(rep, a.json)
+
+
+def _print_build(rep, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(asdict(rep), indent=1))
         return 0
     print(f"published {rep.uri} version {rep.version}: {rep.studies} studies, {rep.points} points "
-          f"({rep.images} images, {rep.reports} reports) in {rep.seconds:.1f}s; skipped {len(rep.skipped)}")
+          f"({rep.images} images, {rep.reports} reports) in {rep.seconds:.1f}s; skipped {len(rep.skipped)}; "
+          f"{rep.reused} studies reused from earlier runs, {rep.segments_written} segments encoded")
     for s in rep.skipped[:50]:
         print(f"  skipped: {s}")
     return 0
+
+
+def _cmd_add(a: argparse.Namespace) -> int:
+    from indexer.build import add_studies
+
+    return _print_build(add_studies(a.manifest, a.index, progress=not a.no_progress, work_dir=a.work_dir), a.json)
+
+
+def _cmd_delete(a: argparse.Namespace) -> int:
+    from indexer.build import delete_studies
+
+    return _print_build(delete_studies(a.index, a.study, work_dir=a.work_dir), a.json)
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
@@ -346,6 +391,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                         load_text_encoder=not a.no_text_encoder)
     logging.getLogger("medrag.api").setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level="warning", access_log=False)
+    return 0
+
+
+def _cmd_eval_speed(a: argparse.Namespace) -> int:
+    from eval.speed import format_table, run
+
+    r = run(a.out, n=a.n, dim=a.dim, nq=a.queries, seed=a.seed, work_dir=a.work_dir,
+            backends=tuple(x.strip() for x in a.backends.split(",") if x.strip()))
+    print(format_table(r))
+    print(f"{r['seconds']}s; wrote {a.out}/speed.json")
     return 0
 
 

@@ -1,0 +1,136 @@
+"""Encoded studies kept on disk between builds: the unit that makes builds resumable.
+
+A build encodes studies in *segments* of a few hundred; each segment is one ``.npz`` written to
+a temporary name, fsynced and renamed, so a segment file is either complete or absent (a
+SIGKILL leaves at most a ``.tmp`` file, removed on the next run). A study is identified by a
+*study key*: a hash of its manifest record, its resolved image paths and their size and mtime.
+Segments live under a directory named by the encoder *fingerprint* (families, checkpoints,
+conditioning), so vectors from another encoder are never mixed in.
+
+A rerun, an incremental add or a delete reads which study keys are already encoded and encodes
+only the rest; the index is then assembled from segments in manifest order and published
+atomically. One writer at a time: :func:`build_lock` holds an exclusive ``flock`` (released by
+the kernel even on SIGKILL).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from indexer.manifest import Study, resolve_image
+
+
+class BuildLockedError(RuntimeError):
+    """Another build holds the lock for this index."""
+
+
+@contextmanager
+def build_lock(state_dir: Path) -> Iterator[None]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(state_dir / "lock", "a+")  # noqa: SIM115 (held for the whole build)
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BuildLockedError(f"another build is writing this index (lock {state_dir / 'lock'})") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def study_key(study: Study, manifest: str | Path) -> str:
+    h = hashlib.sha256(msgspec.json.encode(study))
+    for rel in study.images:
+        p = resolve_image(manifest, rel)
+        try:
+            st = p.stat()
+            h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"|{p}|missing".encode())
+    return h.hexdigest()[:32]
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Segment:
+    """Encoded points of a group of studies (a study may have 0..n points)."""
+
+    study_keys: list[str]  # every study of the segment, in order (also those fully skipped)
+    point_study: list[str] = field(default_factory=list)  # study key of each point
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # space -> (points, dim)
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # space -> (points,) bool
+    payloads: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # study key -> messages
+
+
+class SegmentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob("*.tmp*"):  # a killed writer's leftovers; never read
+            tmp.unlink(missing_ok=True)
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("seg-*.npz"))
+
+    def encoded_keys(self) -> dict[str, Path]:
+        """Study key -> the segment file holding it (first one wins)."""
+        out: dict[str, Path] = {}
+        for f in self.files():
+            with np.load(f, allow_pickle=False) as z:
+                for k in json.loads(str(z["study_keys"])):
+                    out.setdefault(k, f)
+        return out
+
+    def write(self, seg: Segment) -> Path:
+        name = f"seg-{hashlib.sha256(''.join(seg.study_keys).encode()).hexdigest()[:20]}.npz"
+        final = self.root / name
+        tmp = self.root / f"{name}.tmp{os.getpid()}"
+        arrays: dict[str, Any] = {
+            "study_keys": np.array(json.dumps(seg.study_keys)),
+            "point_study": np.array(json.dumps(seg.point_study)),
+            "payloads": np.array(json.dumps(seg.payloads)),
+            "skipped": np.array(json.dumps(seg.skipped)),
+            "spaces": np.array(json.dumps(sorted(seg.vectors))),
+        }
+        for i, space in enumerate(sorted(seg.vectors)):
+            arrays[f"v{i}"] = seg.vectors[space]
+            arrays[f"m{i}"] = seg.present[space]
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        dfd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return final
+
+    @staticmethod
+    def read(path: Path) -> Segment:
+        with np.load(path, allow_pickle=False) as z:
+            spaces = json.loads(str(z["spaces"]))
+            return Segment(study_keys=json.loads(str(z["study_keys"])), point_study=json.loads(str(z["point_study"])),
+                           vectors={s: z[f"v{i}"] for i, s in enumerate(spaces)},
+                           present={s: z[f"m{i}"].astype(bool) for i, s in enumerate(spaces)},
+                           payloads=json.loads(str(z["payloads"])), skipped=json.loads(str(z["skipped"])))
