@@ -33,13 +33,18 @@ class DicomImage:
 
 _KEEP = ("Modality", "BodyPartExamined", "ViewPosition", "StudyInstanceUID", "SeriesInstanceUID",
          "SOPInstanceUID", "InstanceNumber", "PatientID", "StudyDate", "StudyDescription",
-         "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames")
+         "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "BurnedInAnnotation",
+         "AccessionNumber")
 
 
 def read_header(source: str | Path | bytes) -> dict[str, Any]:
     """The attributes medrag uses, without decoding pixels (fast, for grouping studies)."""
     ds = _dcmread(source, stop_before_pixels=True)
-    return _header(ds)
+    try:
+        return _header(ds)  # pydicom parses values lazily: a broken element fails here
+    except Exception as exc:
+        label = str(source) if not isinstance(source, bytes) else "<upload>"
+        raise DicomDecodeError(f"{label}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
 
 
 def decode_dicom(source: str | Path | bytes, name: str | None = None) -> DicomImage:
@@ -55,7 +60,11 @@ def decode_dicom(source: str | Path | bytes, name: str | None = None) -> DicomIm
         return _decode(ds, label)
     except DicomDecodeError:
         raise
-    except Exception as exc:  # malformed headers surface as many exception types
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: B036
+        # malformed headers surface as many exception types, and the Rust codecs (pylibjpeg-rle,
+        # pyjpegls) report corrupt streams as pyo3 PanicException, a BaseException (found by fuzzing)
         raise DicomDecodeError(f"{label}: malformed DICOM ({type(exc).__name__}: {exc})") from exc
 
 

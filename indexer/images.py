@@ -82,6 +82,8 @@ def _load_raster(data: bytes, label: str) -> np.ndarray:
             return np.asarray(gray, dtype=np.float32) / 255.0
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001
+        # Pillow reports corrupt streams as many types: OSError, ValueError, EOFError, struct.error,
+        # even SyntaxError ("broken PNG file", found by fuzzing)
         reason = "unrecognised image data" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ImageLoadError(f"{label}: corrupt image ({reason})") from exc

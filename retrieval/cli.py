@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from indexer.images import ImageLoadError
     from indexer.manifest import ManifestError
     from indexer.segments import BuildLockedError
+    from indexer.sources.dicomweb import DicomWebError
     from retrieval.encoders import EncoderError
     from retrieval.index import IndexError_
     from retrieval.rag.http import GeneratorError
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UnknownTermError, ImageLoadError, ManifestError, EncoderError, IndexError_, SearchError,
+    except (DicomWebError, UnknownTermError, ImageLoadError, ManifestError, EncoderError, IndexError_, SearchError,
             GeneratorError, BuildLockedError, FileNotFoundError, ValueError) as exc:
         print(f"medrag: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -77,7 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     m3.add_argument("folder")
     m3.add_argument("--reports", help="CSV with StudyInstanceUID or AccessionNumber, report")
     m3.add_argument("-o", "--out", required=True)
+    m3.add_argument("--allow-burned-in", action="store_true",
+                    help="also index images flagged BurnedInAnnotation=YES (they may show identifiers)")
     m3.set_defaults(func=_cmd_manifest_dicom)
+
+    m4 = man.add_parser("dicomweb", help="a PACS over DICOMweb (QIDO-RS + WADO-RS), incremental")
+    m4.add_argument("url", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    m4.add_argument("--cache", required=True, help="folder for fetched instances and the sync state")
+    m4.add_argument("-o", "--out", required=True)
+    m4.add_argument("--since", help="only studies dated on/after YYYY-MM-DD (QIDO); default: since last run")
+    m4.add_argument("--orthanc", help="Orthanc REST root: follow its /changes log instead of dates")
+    m4.add_argument("--reports", help="CSV with StudyInstanceUID or AccessionNumber, report")
+    m4.add_argument("--allow-burned-in", action="store_true")
+    m4.set_defaults(func=_cmd_manifest_dicomweb)
 
     b = idx.add_parser("build", help="encode a manifest and publish an index version")
     b.add_argument("manifest")
@@ -266,7 +279,19 @@ def _cmd_manifest_r2gen(a: argparse.Namespace) -> int:
 def _cmd_manifest_dicom(a: argparse.Namespace) -> int:
     from indexer.sources.dicom_folder import from_dicom_folder
 
-    return _finish_manifest(from_dicom_folder(a.folder, a.out, a.reports), a.out)
+    return _finish_manifest(from_dicom_folder(a.folder, a.out, a.reports, a.allow_burned_in), a.out)
+
+
+def _cmd_manifest_dicomweb(a: argparse.Namespace) -> int:
+    import os
+
+    from indexer.sources.dicomweb import from_dicomweb
+
+    user, password = os.environ.get("MEDRAG_DICOMWEB_USER"), os.environ.get("MEDRAG_DICOMWEB_PASSWORD")
+    res = from_dicomweb(a.url, a.cache, a.out, since=a.since, orthanc_url=a.orthanc, reports_csv=a.reports,
+                        allow_burned_in=a.allow_burned_in, auth=(user, password) if user and password else None)
+    print(f"fetched {res.fetched} new or changed studies")
+    return _finish_manifest(res, a.out)
 
 
 def _cmd_build(a: argparse.Namespace) -> int:

@@ -25,3 +25,12 @@ if [ -f "$ANN" ]; then
   $BIN/medrag search --index "faiss:$OUT/iu_index" --reports --text "small left pleural effusion" \
     --anatomy "left pleura" --finding effusion --include-uncertain -k 3
 fi
+echo "== 5. draft a comparative report from retrieved cases (synthetic paired set; extractive drafter)"
+$BIN/medrag eval synth --out "$OUT/synth" -n 200 --seed 7 --size 128 | tail -1
+$BIN/medrag index build "$OUT/synth/manifest.jsonl" --index "qdrant+local:$OUT/synth_index" --encoder pixels \
+  --text-encoder none --conditioning "left lung,right lung,heart" --no-progress | head -1
+PRIOR=$(sed -n 1p "$OUT/synth/manifest.jsonl" | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)["report"])')
+echo "$PRIOR" > "$OUT/prior_report.txt"
+echo "prior report: $PRIOR"
+$BIN/medrag draft --index "qdrant+local:$OUT/synth_index" --image "$OUT/synth/images/syn00001.png" \
+  --prior-report "$OUT/prior_report.txt" --prior-study syn00000 --exclude-patient pat00000 -k 5

@@ -15,3 +15,4 @@ from indexer.manifest import Study
 class SourceResult:
     studies: list[Study] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<file or id>: reason"
+    fetched: int = 0  # studies fetched from a remote source in this run (DICOMweb)

@@ -1,8 +1,9 @@
 """A folder of DICOM files, grouped into studies by StudyInstanceUID.
 
-Only headers are read here (fast). Identifiers are pseudonymised before they reach the manifest:
-study and patient ids become keyed hashes (HMAC-SHA256 with ``MEDRAG_PHI_KEY``), so the index
-can group a patient's studies without holding the real ids. Volumes (a CT/MR series of many
+Only headers are read here (fast), and they pass the PHI guard (:mod:`indexer.phi`) before
+anything reaches the manifest: ids become keyed pseudonyms, dates are shifted per patient, every
+other PS3.15 Basic Profile attribute is dropped, and burned-in-annotation images are skipped
+unless allowed. Volumes (a CT/MR series of many
 single-frame slices) contribute their middle slice, since retrieval here is 2D. Reports come
 from an optional CSV keyed by ``StudyInstanceUID`` or ``AccessionNumber`` (column ``report``).
 """
@@ -10,8 +11,6 @@ from an optional CSV keyed by ``StudyInstanceUID`` or ``AccessionNumber`` (colum
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import logging
 import os
 from collections import defaultdict
@@ -19,31 +18,23 @@ from pathlib import Path
 
 from indexer.dicom import DicomDecodeError, as_int, read_header
 from indexer.manifest import Study, relative_to_manifest
+from indexer.phi import PhiPolicy, burned_in, deidentify
 from indexer.sources import SourceResult
 
 log = logging.getLogger(__name__)
-_DEFAULT_KEY = "medrag-default-key-set-MEDRAG_PHI_KEY"
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 
 
 def pseudonym(value: str, kind: str) -> str:
-    """Keyed, stable, non-reversible id (``kind`` keeps study and patient namespaces apart)."""
-    key = os.environ.get("MEDRAG_PHI_KEY", _DEFAULT_KEY).encode()
-    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:20]
-
-
-def _date(value: str | None) -> str | None:
-    if value and len(value) == 8 and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    return None
+    """Keyed pseudonym with the environment's key (see :class:`indexer.phi.PhiPolicy`)."""
+    return PhiPolicy.from_env().pseudonym(value, kind)
 
 
 def from_dicom_folder(folder: str | Path, manifest_path: str | Path,
-                      reports_csv: str | Path | None = None) -> SourceResult:
+                      reports_csv: str | Path | None = None, allow_burned_in: bool = False) -> SourceResult:
     folder = Path(folder)
     out = SourceResult()
-    if os.environ.get("MEDRAG_PHI_KEY") is None:
-        log.warning("MEDRAG_PHI_KEY is not set: pseudonyms use a public default key")
+    policy = PhiPolicy.from_env(allow_burned_in)
     reports: dict[str, str] = {}
     if reports_csv:
         with open(reports_csv, newline="", encoding="utf-8") as fh:
@@ -62,20 +53,28 @@ def from_dicom_folder(folder: str | Path, manifest_path: str | Path,
         if not uid:
             out.skipped.append(f"{path}: no StudyInstanceUID")
             continue
+        if burned_in(head) and not policy.allow_burned_in:
+            out.skipped.append(f"{path}: flagged BurnedInAnnotation=YES (may show identifiers); "
+                               "allow with --allow-burned-in")
+            continue
         studies[str(uid)].append((path, head))
     for uid, members in studies.items():
         chosen = _representatives(members)
         first = chosen[0][1]
-        out.studies.append(Study(
-            study_id=pseudonym(uid, "study"),
-            images=[relative_to_manifest(manifest_path, p) for p, _ in chosen],
-            report=reports.get(uid) or reports.get(str(first.get("AccessionNumber", ""))) or None,
-            patient_id=pseudonym(str(first["PatientID"]), "patient") if first.get("PatientID") else None,
-            study_date=_date(first.get("StudyDate")),
-            modality=first.get("Modality"),
-            view=sorted({str(h["ViewPosition"]) for _, h in chosen if h.get("ViewPosition")}) or None,
-        ))
+        report = reports.get(uid) or reports.get(str(first.get("AccessionNumber", ""))) or None
+        out.studies.append(study_from_headers(
+            [(relative_to_manifest(manifest_path, p), h) for p, h in chosen], report, policy))
     return out
+
+
+def study_from_headers(images: list[tuple[str, dict]], report: str | None, policy: PhiPolicy) -> Study:
+    """One study's manifest record from its representative images' raw headers, de-identified."""
+    safe = [deidentify(h, policy) for _, h in images]
+    first = safe[0]
+    return Study(study_id=first["StudyInstanceUID"], images=[rel for rel, _ in images], report=report,
+                 patient_id=first.get("PatientID"), study_date=first.get("StudyDate"),
+                 modality=first.get("Modality"),
+                 view=sorted({str(h["ViewPosition"]) for h in safe if h.get("ViewPosition")}) or None)
 
 
 def _representatives(members: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:

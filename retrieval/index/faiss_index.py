@@ -30,6 +30,9 @@ EXACT_SUBSET = 4096
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
+IVF_NPROBE_FRACTION = 1 / 64  # of the lists probed per unfiltered query (at least IVF_NPROBE_MIN)
+IVF_NPROBE_MIN = 16
+FILTER_CACHE = 64  # evaluated filters kept as point masks
 
 
 def _faiss():
@@ -129,10 +132,27 @@ class FaissIndex:
         self._index = {s: faiss.read_index(str(self.path / f"{i}.faiss")) for s, i in self._files.items()}
         self._rows = {s: np.load(self.path / f"{i}.npy", mmap_mode="r") for s, i in self._files.items()}
         self._row_ids = {s: np.load(self.path / f"{i}.ids.npy") for s, i in self._files.items()}
-        self._row_of = {s: {int(v): r for r, v in enumerate(ids)} for s, ids in self._row_ids.items()}
         dec = msgspec.json.Decoder()
         with open(self.path / "payloads.jsonl", "rb") as fh:
             self._payloads: list[dict[str, Any]] = [dec.decode(line) for line in fh]
+        n = len(self._payloads)
+        # id -> row of each space's raw matrix (-1: no vector there); ids are 0..n-1
+        self._row_of: dict[str, np.ndarray] = {}
+        for s, ids in self._row_ids.items():
+            lut = np.full(n, -1, np.int64)
+            lut[ids] = np.arange(len(ids))
+            self._row_of[s] = lut
+        self._by_study: dict[str, list[int]] = {}
+        self._by_patient: dict[str, list[int]] = {}
+        for i, p in enumerate(self._payloads):
+            self._by_study.setdefault(str(p.get("study_id")), []).append(i)
+            if p.get("patient_id"):
+                self._by_patient.setdefault(str(p["patient_id"]), []).append(i)
+        self._masks: dict[bytes, np.ndarray] = {}
+        for ix in self._index.values():
+            base = faiss.downcast_index(ix.index)
+            if isinstance(base, faiss.IndexIVFFlat):
+                base.nprobe = max(IVF_NPROBE_MIN, int(base.nlist * IVF_NPROBE_FRACTION))
         self._gpu = {s: self._to_gpu(ix) for s, ix in self._index.items()} if gpu else {}
 
     def __len__(self) -> int:
@@ -167,11 +187,13 @@ class FaissIndex:
             target = self._gpu.get(space) or index
             scores, ids = target.search(q, min(k, index.ntotal))
             return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
-        allowed = np.array([i for i in self._row_ids[space] if flt.matches(self._payloads[int(i)])], dtype=np.int64)
+        mask = self._mask(flt) & (self._row_of[space] >= 0)
+        allowed = np.flatnonzero(mask).astype(np.int64)
         if len(allowed) == 0:
             return [[] for _ in range(len(q))]
         if len(allowed) <= max(EXACT_SUBSET, index.ntotal // 50):
-            rows = np.stack([self._rows[space][self._row_of[space][int(i)]] for i in allowed])
+            rows = np.asarray(self._rows[space][np.sort(self._row_of[space][allowed])])
+            allowed = self._row_ids[space][np.sort(self._row_of[space][allowed])]
             sims = q @ rows.T
             out = []
             for srow in sims:
@@ -189,6 +211,42 @@ class FaissIndex:
         scores, ids = index.search(q, min(k, len(allowed)), params=params)
         return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
 
+    def _mask(self, flt: SearchFilter) -> np.ndarray:
+        """Points passing ``flt``: the cacheable part evaluated once per distinct filter, then
+        the per-query identity conditions (study/patient inclusion and exclusion) from maps."""
+        ident = {"study_ids": flt.study_ids, "exclude_study_ids": flt.exclude_study_ids,
+                 "patient_id": flt.patient_id, "exclude_patient_id": flt.exclude_patient_id}
+        base = msgspec.structs.replace(flt, study_ids=None, exclude_study_ids=None, patient_id=None,
+                                       exclude_patient_id=None)
+        key = msgspec.json.encode(base)
+        cached = self._masks.get(key)
+        if cached is None:
+            if base.is_empty():
+                cached = np.ones(len(self._payloads), bool)
+            else:
+                cached = np.fromiter((base.matches(p) for p in self._payloads), bool, len(self._payloads))
+            if len(self._masks) >= FILTER_CACHE:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = cached
+        mask = cached.copy()
+
+        def ids_of(table: dict[str, list[int]], keys) -> list[int]:
+            return [i for k in keys for i in table.get(str(k), ())]
+
+        if ident["study_ids"] is not None:
+            keep = np.zeros_like(mask)
+            keep[ids_of(self._by_study, ident["study_ids"])] = True
+            mask &= keep
+        if ident["patient_id"] is not None:
+            keep = np.zeros_like(mask)
+            keep[ids_of(self._by_patient, [ident["patient_id"]])] = True
+            mask &= keep
+        if ident["exclude_study_ids"]:
+            mask[ids_of(self._by_study, ident["exclude_study_ids"])] = False
+        if ident["exclude_patient_id"] is not None:
+            mask[ids_of(self._by_patient, [ident["exclude_patient_id"]])] = False
+        return mask
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         return [Hit(int(i), float(s), self._payloads[int(i)]) for s, i in zip(scores, ids, strict=True) if i >= 0]
 
@@ -196,20 +254,15 @@ class FaissIndex:
         return [self._payloads[int(i)] for i in ids]
 
     def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
-        out = []
-        for i, p in enumerate(self._payloads):
-            if flt.matches(p):
-                out.append(Hit(i, 0.0, p))
-                if len(out) >= limit:
-                    break
-        return out
+        ids = np.flatnonzero(self._mask(flt))[:limit]
+        return [Hit(int(i), 0.0, self._payloads[int(i)]) for i in ids]
 
     def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
         self._check(space, np.zeros((1, self.meta.spaces[space]), np.float32) if space in self.meta.spaces else np.zeros((1, 1)))
         rows = []
         for i in ids:
-            r = self._row_of[space].get(int(i))
-            if r is None:
+            r = int(self._row_of[space][int(i)]) if 0 <= int(i) < len(self._payloads) else -1
+            if r < 0:
                 raise IndexError_(f"point {i} has no vector in space {space!r}")
             rows.append(np.asarray(self._rows[space][r]))
         return np.stack(rows) if rows else np.zeros((0, self.meta.spaces[space]), np.float32)
