@@ -99,6 +99,40 @@ async def _drive(url: str, key: str, make_request, requests: int, concurrency: i
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
 
 
+def start_server(uri: str, keys_file: str | Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``medrag serve`` in its own process on a free loopback port; returns once it is ready."""
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", uri, "--api-keys",
+                             str(keys_file), "--port", str(port), "--no-text-encoder"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.perf_counter() > deadline:
+            proc.kill()
+            err = proc.communicate()[1] if proc.stderr else ""
+            raise RuntimeError(f"medrag serve did not become ready: {err[-2000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4, max_seconds: float = 60.0,
         k: int = 10, seed: int = 0) -> dict:
     import httpx
@@ -108,22 +142,9 @@ def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4
     vectors, uploads = _payloads(uri, requests, seed)
     with tempfile.TemporaryDirectory() as tmp:
         key = add_key(Path(tmp) / "keys.json", "load-benchmark")
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", uri, "--api-keys",
-                                 str(Path(tmp) / "keys.json"), "--port", str(port), "--no-text-encoder"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        url = f"http://127.0.0.1:{port}"
+        t_start = time.perf_counter()
+        proc, url = start_server(uri, Path(tmp) / "keys.json")
         try:
-            t_start = time.perf_counter()
-            while True:
-                try:
-                    if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.perf_counter() - t_start > 180:
-                    raise RuntimeError(f"medrag serve did not start: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.2)
             startup = time.perf_counter() - t_start
 
             async def by_vector(client, i):
@@ -138,13 +159,7 @@ def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4
             scenarios["search-by-upload"] = asyncio.run(_drive(url, key, by_upload, requests, concurrency, max_seconds))
             metrics = httpx.get(url + "/metrics", timeout=5).text
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.stderr:
-                proc.stderr.close()
+            stop_server(proc)
     result = {"index": uri, "concurrency": concurrency, "k": k, "server_startup_s": round(startup, 2),
               "upload_bytes_mean": int(np.mean([len(u) for u in uploads])) if uploads else 0,
               "scenarios": scenarios,

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from indexer.images import ImageLoadError, load_image
-from indexer.manifest import ManifestError, Study, read_manifest, resolve_image, write_manifest
+from indexer.manifest import (
+    ManifestError,
+    Study,
+    atomic_write_bytes,
+    read_manifest,
+    resolve_image,
+    write_manifest,
+)
 from indexer.segments import Segment, SegmentStore, build_lock, fingerprint, study_key
 from retrieval.encoders import create_encoder, is_joint
 from retrieval.entities import EntityExtractor, report_labels
@@ -344,9 +351,8 @@ def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[s
 def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig) -> None:
     """What the published version holds, for later add/delete (images as absolute paths)."""
     write_manifest(state / "published.jsonl", [_absolute(s, manifest) for s in studies])
-    tmp = state / ".published.json.tmp"
-    tmp.write_text(json.dumps({"manifest": str(Path(manifest).resolve()), "config": asdict(cfg)}, indent=1))
-    os.replace(tmp, state / "published.json")
+    atomic_write_bytes(state / "published.json",
+                       json.dumps({"manifest": str(Path(manifest).resolve()), "config": asdict(cfg)}, indent=1).encode())
 
 
 def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:

@@ -87,6 +87,21 @@ def write_manifest(path: str | Path, studies: Iterable[Study]) -> int:
     return n
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def resolve_image(manifest_path: str | Path, image: str) -> Path:
     p = Path(image)
     return p if p.is_absolute() else Path(manifest_path).resolve().parent / p

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from eval.synthetic import generate
@@ -23,12 +18,6 @@ from indexer.build import BuildConfig, build_index
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +31,13 @@ def server(tmp_path_factory):
     from api.keys import add_key
 
     key = add_key(keys, "browser-test")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", uri, "--api-keys", str(keys),
-                             "--port", str(port), "--no-text-encoder"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    from eval.load import start_server, stop_server
+
+    proc, url = start_server(uri, keys)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read() if proc.stdout else ""
-                pytest.fail(f"medrag serve did not become ready:\n{out}")
-            time.sleep(0.3)
         yield url, key, root / "synth", uri
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

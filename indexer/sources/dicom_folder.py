@@ -30,18 +30,24 @@ def pseudonym(value: str, kind: str) -> str:
     return PhiPolicy.from_env().pseudonym(value, kind)
 
 
+def read_reports_csv(path: str | Path | None) -> dict[str, str]:
+    """Reports keyed by StudyInstanceUID or AccessionNumber (columns of those names + ``report``)."""
+    out: dict[str, str] = {}
+    if path:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                key = (row.get("StudyInstanceUID") or row.get("AccessionNumber") or "").strip()
+                if key and (row.get("report") or "").strip():
+                    out[key] = row["report"].strip()
+    return out
+
+
 def from_dicom_folder(folder: str | Path, manifest_path: str | Path,
                       reports_csv: str | Path | None = None, allow_burned_in: bool = False) -> SourceResult:
     folder = Path(folder)
     out = SourceResult()
     policy = PhiPolicy.from_env(allow_burned_in)
-    reports: dict[str, str] = {}
-    if reports_csv:
-        with open(reports_csv, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                key = (row.get("StudyInstanceUID") or row.get("AccessionNumber") or "").strip()
-                if key and (row.get("report") or "").strip():
-                    reports[key] = row["report"].strip()
+    reports = read_reports_csv(reports_csv)
     studies: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
     for path in _walk(folder):
         try:

@@ -15,21 +15,18 @@ is a PACS cache inside the hospital); the manifest and the index hold no identif
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from indexer.dicom import DicomDecodeError, read_header
-from indexer.manifest import relative_to_manifest
+from indexer.manifest import atomic_write_bytes, relative_to_manifest
 from indexer.phi import PhiPolicy, burned_in
 from indexer.sources import SourceResult
-from indexer.sources.dicom_folder import _representatives, study_from_headers
+from indexer.sources.dicom_folder import _representatives, read_reports_csv, study_from_headers
 
 log = logging.getLogger(__name__)
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -197,7 +194,7 @@ def from_dicomweb(base_url: str, cache: str | Path, manifest_path: str | Path, s
                     continue
                 sop = str(head.get("SOPInstanceUID") or "")
                 name = policy.pseudonym(sop or str(len(files)), "instance") + ".dcm"
-                _atomic_write(folder / name, blob)
+                atomic_write_bytes(folder / name, blob)
                 files.append(name)
             state.studies[key] = sorted(set(state.studies.get(key, [])) | set(files))
         state.changes_seq = seq
@@ -208,7 +205,7 @@ def from_dicomweb(base_url: str, cache: str | Path, manifest_path: str | Path, s
     finally:
         client.close()
     _save_state(cache, state)
-    reports = _reports(reports_csv)
+    reports = read_reports_csv(reports_csv)
     for key, files in sorted(state.studies.items()):
         members = []
         for name in files:
@@ -232,17 +229,6 @@ def from_dicomweb(base_url: str, cache: str | Path, manifest_path: str | Path, s
     return out
 
 
-def _reports(path: str | Path | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if path:
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                key = (row.get("StudyInstanceUID") or row.get("AccessionNumber") or "").strip()
-                if key and (row.get("report") or "").strip():
-                    out[key] = row["report"].strip()
-    return out
-
-
 def _load_state(cache: Path) -> _State:
     p = cache / STATE
     if not p.is_file():
@@ -252,18 +238,5 @@ def _load_state(cache: Path) -> _State:
 
 
 def _save_state(cache: Path, state: _State) -> None:
-    _atomic_write(cache / STATE, json.dumps({"changes_seq": state.changes_seq, "last_query_date": state.last_query_date,
+    atomic_write_bytes(cache / STATE, json.dumps({"changes_seq": state.changes_seq, "last_query_date": state.last_query_date,
                                              "studies": state.studies}, indent=1).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
