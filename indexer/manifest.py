@@ -71,20 +71,9 @@ def write_manifest(path: str | Path, studies: Iterable[Study]) -> int:
     """Write atomically (temp file + rename); returns the number of studies written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    n = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for s in studies:
-                fh.write(msgspec.json.encode(s) + b"\n")
-                n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    lines = [msgspec.json.encode(s) + b"\n" for s in studies]
+    atomic_write_bytes(path, b"".join(lines))
+    return len(lines)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
