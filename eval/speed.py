@@ -24,16 +24,24 @@ MODALITIES = ("CR", "CT", "MR", "US", "DX", "MG", "NM", "PT", "XA", "RF")
 FILTER_MODALITY = "CT"
 
 
+BLOCK = 65536
+
+
 def vectors(n: int, dim: int, seed: int, start: int = 0, centers: int = 1000) -> np.ndarray:
-    """Rows ``start..start+n`` of the deterministic clustered set (chunkable)."""
+    """Rows ``start..start+n`` of the deterministic clustered set.
+
+    Row r is drawn from a generator seeded by (seed, r // BLOCK), so any chunking of the same
+    rows gives the same vectors (the reference scan and the backends see identical data).
+    """
     c = np.random.default_rng(seed).standard_normal((centers, dim)).astype(np.float32)
     out = np.empty((n, dim), np.float32)
-    step = 65536
-    for i in range(0, n, step):
-        m = min(step, n - i)
-        rng = np.random.default_rng([seed, start + i])
-        x = c[rng.integers(0, centers, m)] + 0.35 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    first, last = start // BLOCK, (start + n - 1) // BLOCK if n else start // BLOCK - 1
+    for b in range(first, last + 1):
+        rng = np.random.default_rng([seed, b])
+        x = c[rng.integers(0, centers, BLOCK)] + 0.35 * rng.standard_normal((BLOCK, dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        lo, hi = max(start, b * BLOCK), min(start + n, (b + 1) * BLOCK)
+        out[lo - start:hi - start] = x[lo - b * BLOCK:hi - b * BLOCK]
     return out
 
 
@@ -105,7 +113,7 @@ def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, 
         backends: tuple[str, ...] = ("faiss:hnsw", "faiss:ivf", "qdrant+local:hnsw"),
         work_dir: str | Path | None = None) -> dict[str, Any]:
     t_all = time.perf_counter()
-    queries = vectors(nq, dim, seed + 1, start=10**9)
+    queries = vectors(nq, dim, seed, start=10**9)  # same clusters, rows never indexed
     modality_of = np.arange(n) % len(MODALITIES) == MODALITIES.index(FILTER_MODALITY)
     # exact reference: numpy flat scan over the same rows (chunked to bound memory)
     data = vectors(n, dim, seed)

@@ -20,6 +20,18 @@ def pydicom_data_dir() -> Path:
     return Path(data_store.__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _build_state_in_tmp(tmp_path_factory):
+    """Builds against server URIs keep segments under $MEDRAG_STATE; never the user's ~/.cache in tests."""
+    old = os.environ.get("MEDRAG_STATE")
+    os.environ["MEDRAG_STATE"] = str(tmp_path_factory.mktemp("medrag-state"))
+    yield
+    if old is None:
+        os.environ.pop("MEDRAG_STATE", None)
+    else:
+        os.environ["MEDRAG_STATE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _quiet_pydicom():
     with warnings.catch_warnings():

@@ -149,6 +149,7 @@ class FaissIndex:
             if p.get("patient_id"):
                 self._by_patient.setdefault(str(p["patient_id"]), []).append(i)
         self._masks: dict[bytes, np.ndarray] = {}
+        self._selectors: dict[bytes, Any] = {}
         for ix in self._index.values():
             base = faiss.downcast_index(ix.index)
             if isinstance(base, faiss.IndexIVFFlat):
@@ -200,7 +201,13 @@ class FaissIndex:
                 top = np.argsort(-srow, kind="stable")[:k]
                 out.append([Hit(int(allowed[t]), float(srow[t]), self._payloads[int(allowed[t])]) for t in top])
             return out
-        sel = faiss.IDSelectorBatch(allowed)
+        key = space.encode() + b"|" + msgspec.json.encode(flt)
+        sel = self._selectors.get(key)
+        if sel is None:  # building a selector over ~10^5 ids costs more than the search itself
+            sel = faiss.IDSelectorBatch(allowed)
+            if len(self._selectors) >= FILTER_CACHE:
+                self._selectors.pop(next(iter(self._selectors)))
+            self._selectors[key] = sel
         base = faiss.downcast_index(index.index)
         if isinstance(base, faiss.IndexHNSWFlat):
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, 4 * k))
