@@ -310,3 +310,14 @@ def test_eval_draft_leave_one_out(tmp_path, capsys):
         assert r["methods"][m]["cited_sentence_share"] == 1.0
     assert r["methods"]["extractive"]["entity"]["f1"] > 0.3
     assert np.isfinite(r["methods"]["copy-nearest"]["bleu4"])
+
+
+def test_extractive_no_contradiction_across_anatomy_levels():
+    # "the lungs are clear" (lung|opacity|absent) must not stand beside a left lower lobe opacity
+    ctx = _ctx([("a", 0.9, "The lungs are clear. Heart size is normal."),
+                ("b", 0.85, "Patchy opacity in the left lower lobe. Heart size is normal."),
+                ("c", 0.8, "Patchy opacity in the left lower lobe.")])
+    draft = ExtractiveGenerator().generate(ctx)
+    text = draft.text().lower()
+    assert "opacity in the left lower lobe" in text and "lungs are clear" not in text
+    assert "heart size is normal" in text

@@ -70,6 +70,14 @@ class ExtractiveGenerator:
                 out[key] = "uncertain"
             elif absent >= self.negative_support:
                 out[key] = "absent"
+        # a finding decided in a part overrides a generic negative about the whole ("the lungs are
+        # clear" vs a left lower lobe opacity): the specific positive is what the cases show
+        for key in [k for k, st in out.items() if st == "absent"]:
+            anat, finding = key.split("|")
+            if any(st != "absent" and k.split("|")[1] == finding and k.split("|")[0] in self.tax.anatomies
+                   and anat in self.tax.anatomies and self.tax.is_within(k.split("|")[0], anat)
+                   for k, st in out.items()):
+                del out[key]
         return out
 
     # ---- generation --------------------------------------------------------------------------
@@ -83,7 +91,8 @@ class ExtractiveGenerator:
         candidates = [s for c in ctx.cases for s in c.sentences]
 
         def consistent(s: ContextSentence) -> bool:
-            return all(decided.get(_key(lab)) == _status(lab) for lab in s.labels)
+            return all(decided.get(_key(lab)) == _status(lab) and not self._conflicts(lab, decided)
+                       for lab in s.labels)
 
         def supporters(s: ContextSentence) -> list[str]:
             return [c.study_id for c in ctx.cases
@@ -107,6 +116,23 @@ class ExtractiveGenerator:
             draft.interval_changes = self._compare(ctx, decided, chosen)
         return draft
 
+    def _conflicts(self, label: str, decided: dict[str, str]) -> bool:
+        """A statement at one level against a decision at a parent or child level, e.g. "the lungs
+        are clear" (lung|nodule|absent) beside a possible right lung nodule."""
+        anat, finding, status = label.split("|")
+        for key, st in decided.items():
+            a2, f2 = key.split("|")
+            if f2 != finding or a2 == anat or st == status or "absent" not in (st, status):
+                continue
+            if a2 in self.tax.anatomies and anat in self.tax.anatomies and (
+                    self.tax.is_within(a2, anat) or self.tax.is_within(anat, a2)):
+                return True
+        return False
+
+    def _where(self, anat: str, finding: str, template: str) -> str:
+        home = self.tax.findings[finding].anatomy if finding in self.tax.findings else None
+        return "" if anat in ("chest", finding, home) else template.format(anat)
+
     def _impression(self, ctx: DraftContext, decided: dict[str, str], candidates, weight) -> list[DraftSentence]:
         positives = [k for k, st in decided.items() if st in ("present", "uncertain")]
         if positives:
@@ -115,7 +141,7 @@ class ExtractiveGenerator:
                 anat, finding = key.split("|")
                 cites = tuple(c.study_id for c in ctx.cases if c.labels.get(key) in ("present", "uncertain"))
                 hedge = "Possible " if decided[key] == "uncertain" else ""
-                where = "" if anat in ("chest", finding) else f" ({anat})"
+                where = self._where(anat, finding, " ({})")
                 out.append(DraftSentence(f"{hedge}{finding.capitalize() if not hedge else finding}{where}.",
                                          cites, (f"{key}|{decided[key]}",)))
             return out
@@ -146,7 +172,7 @@ class ExtractiveGenerator:
         keys = sorted(set(decided) | {k for k, st in prior.labels.items() if st == "present"}, key=lambda k: (_order(k), k))
         for key in keys:
             anat, finding = key.split("|")
-            where = "" if anat == "chest" else f" in the {anat}"
+            where = self._where(anat, finding, " in the {}")
             now, before = decided.get(key), prior.labels.get(key)
             if now is None and before == "present" and self.vote(ctx, key)[0] < self.uncertain_at:
                 now = "absent"  # the analog cases leave it out: propose resolution, for review
