@@ -123,30 +123,70 @@ def evaluate(reports: Sequence[str | None], methods: dict[str, Embedder], cfg: E
 
 
 # ---- method builders ---------------------------------------------------------------------------
+def _setting_texts(reports: Sequence[str | None]):
+    """setting -> each report's text, restricted to its sentences about the anatomy when conditioned."""
+    ex = EntityExtractor()
+    tax = default_taxonomy()
+
+    def texts(setting: str | None) -> list[str]:
+        rel = relevant_anatomies(tax.anatomy(setting).name, tax) if setting else None
+        out = []
+        for r in reports:
+            if rel is None or not r:
+                out.append(r or "")
+                continue
+            kept = [s.text for s, ents in ex.sentence_entities(r) if any(e.anatomy in rel for e in ents)]
+            out.append(" ".join(kept) if kept else "")
+        return out
+
+    return texts
+
+
 def text_oracle(reports: Sequence[str | None], device: str = "cpu") -> Embedder:
     """MiniLM embedding of each report (of its sentences about the anatomy, when conditioned)."""
     from retrieval.encoders import create_encoder
 
     enc = create_encoder("minilm", device=device)
-    ex = EntityExtractor()
-    tax = default_taxonomy()
+    texts_for = _setting_texts(reports)
     cache: dict[str | None, np.ndarray] = {}
 
     def embed(setting: str | None) -> np.ndarray:
         if setting not in cache:
-            texts = []
-            rel = relevant_anatomies(tax.anatomy(setting).name, tax) if setting else None
-            for r in reports:
-                if rel is None or not r:
-                    texts.append(r or "")
-                    continue
-                kept = [s.text for s, ents in ex.sentence_entities(r) if any(e.anatomy in rel for e in ents)]
-                texts.append(" ".join(kept) if kept else "")
+            texts = texts_for(setting)
             out = np.zeros((len(texts), enc.dim), np.float32)
             for i in range(0, len(texts), 64):
                 out[i:i + 64] = enc.encode_texts(texts[i:i + 64])
             cache[setting] = out
         return cache[setting]
+
+    return embed
+
+
+def tfidf_baseline(reports: Sequence[str | None], max_terms: int = 4096) -> Embedder:
+    """Bag-of-words TF-IDF (unigrams + bigrams, L2-normalised) of the same texts as the oracle:
+    the lexical baseline a report embedding has to beat."""
+    import re
+    from collections import Counter
+
+    texts_for = _setting_texts(reports)
+    token = re.compile(r"[a-z]+")
+
+    def grams(text: str) -> list[str]:
+        words = [w for w in token.findall(text.lower()) if w != "xxxx"]
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+
+    def embed(setting: str | None) -> np.ndarray:
+        docs = [Counter(grams(t)) for t in texts_for(setting)]
+        df = Counter(g for d in docs for g in d)
+        vocab = {g: i for i, (g, _) in enumerate(df.most_common(max_terms))}
+        idf = np.log((1 + len(docs)) / (1 + np.array([df[g] for g in vocab], np.float32))) + 1
+        out = np.zeros((len(docs), len(vocab)), np.float32)
+        for r, d in enumerate(docs):
+            for g, c in d.items():
+                if g in vocab:
+                    out[r, vocab[g]] = (1 + np.log(c)) * idf[vocab[g]]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1)
 
     return embed
 
@@ -205,6 +245,7 @@ def run(manifest: str | Path, out_dir: str | Path, encoders: dict[str, tuple[str
         for name, (family, ckpt) in encoders.items():
             methods[name] = image_method(create_encoder(family, checkpoint=ckpt, device=device), studies, images)
     reports = [s.report for s in studies]
+    methods["report TF-IDF"] = tfidf_baseline(reports)
     methods["text oracle (report MiniLM)" if not reports_only else "report MiniLM"] = text_oracle(reports, device)
     results = evaluate(reports, methods, cfg)
     out = Path(out_dir)

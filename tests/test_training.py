@@ -164,11 +164,12 @@ def test_cli_eval_retrieval_with_every_baseline(tmp_path, capsys):
     r = json.loads((tmp_path / "e" / "retrieval.json").read_text())
     assert [s["setting"] for s in r["settings"]] == ["all", "left lung", "heart"]
     methods = set(r["settings"][0]["methods"])
-    assert methods == {"random", "raw-pixel kNN", "untrained medrag-native", "pixels64", "text oracle (report MiniLM)"}
+    assert methods == {"random", "raw-pixel kNN", "untrained medrag-native", "pixels64", "report TF-IDF",
+                       "text oracle (report MiniLM)"}
     assert "R@10" in table and "NDCG@50" in table and (tmp_path / "e" / "recall_at_k.png").stat().st_size > 1000
     oracle = r["settings"][0]["methods"]["text oracle (report MiniLM)"]
     assert oracle["ratescore"] <= r["settings"][0]["oracle_ratescore"] + 1e-9
     assert main(["eval", "retrieval", manifest, "--out", str(tmp_path / "t"), "--reports-only"]) == 0
     r = json.loads((tmp_path / "t" / "retrieval.json").read_text())
-    assert set(r["settings"][0]["methods"]) == {"random", "report MiniLM"}
+    assert set(r["settings"][0]["methods"]) == {"random", "report TF-IDF", "report MiniLM"}
     assert main(["eval", "retrieval", manifest, "--out", str(tmp_path / "x"), "--method", "bad"]) == 2
