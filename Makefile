@@ -18,6 +18,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
+	bash scripts/test-deps.sh
 	$(BIN)/ruff check retrieval indexer api eval tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -90,8 +90,9 @@ class Service:
         try:
             from retrieval.index import SearchFilter
 
-            pts = self.index.find(SearchFilter(), limit=200_000)
-            return len({p.payload.get("study_id") for p in pts})
+            limit = 200_000
+            pts = self.index.find(SearchFilter(), limit=limit)
+            return len({p.payload.get("study_id") for p in pts}) if len(pts) < limit else None
         except Exception:  # counting is informative only
             return None
 

@@ -38,7 +38,7 @@ def orthanc(tmp_path_factory):
         pytest.skip("MEDRAG_SKIP_ORTHANC=1")
     if not Path(ORTHANC).exists() or not Path(PLUGINS, "libOrthancDicomWeb.so").exists():
         pytest.fail("the PACS test needs Debian's orthanc and orthanc-dicomweb "
-                    "(apt-get install orthanc orthanc-dicomweb; .ci/run does this), or MEDRAG_SKIP_ORTHANC=1")
+                    "(apt-get install orthanc orthanc-dicomweb; make test does this), or MEDRAG_SKIP_ORTHANC=1")
     root = tmp_path_factory.mktemp("orthanc")
     port = _port()
     cfg = {"Name": "medrag-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),

@@ -46,7 +46,7 @@ def browser():
         pytest.skip("MEDRAG_SKIP_BROWSER=1")
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("the web test needs Debian's chromium and chromium-driver "
-                    "(apt-get install chromium chromium-driver; .ci/run does this), or MEDRAG_SKIP_BROWSER=1")
+                    "(apt-get install chromium chromium-driver; make test does this), or MEDRAG_SKIP_BROWSER=1")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
