@@ -247,9 +247,9 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
         bar.close()
     _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
     _record(state, manifest, studies, cfg)
-    live = set(keys)
-    for f in store.files():  # segments of deleted or changed studies only
-        if f not in {done[k] for k in live if k in done}:
+    live = {done[k] for k in keys if k in done}
+    for f in store.files():  # segments holding only deleted or changed studies
+        if f not in live:
             f.unlink(missing_ok=True)
 
 
@@ -292,25 +292,35 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
 def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], store: SegmentStore, uri: str,
               spaces: dict[str, int], meta: IndexMeta, cfg: BuildConfig, image_root: Path,
               report: BuildReport) -> None:
-    """Write every study's points, in manifest order, into a new version; publish it."""
-    segments: dict[Path, Segment] = {}
-    rows: dict[str, list[tuple[Segment, int]]] = {}
-    for path in dict.fromkeys(done[k] for k in keys):
-        seg = segments[path] = store.read(path)
-        for i, k in enumerate(seg.point_study):
-            rows.setdefault(k, []).append((seg, i))
+    """Write every study's points, in manifest order, into a new version; publish it.
+
+    Segments are loaded when first needed and dropped after their last study, so memory holds
+    a few segments plus what the index writer keeps, not every encoded vector at once.
+    """
+    last_use = {done[k]: i for i, k in enumerate(keys)}
+    loaded: dict[Path, tuple[Segment, dict[str, list[int]]]] = {}
+
+    def segment(path: Path) -> tuple[Segment, dict[str, list[int]]]:
+        if path not in loaded:
+            seg = store.read(path)
+            rows: dict[str, list[int]] = {}
+            for i, k in enumerate(seg.point_study):
+                rows.setdefault(k, []).append(i)
+            loaded[path] = (seg, rows)
+        return loaded[path]
+
     writer = open_writer(uri, spaces, meta, cfg.index_kind)
     try:
         buf: list[tuple[Segment, int]] = []
         next_id = 0
         seen: set[str] = set()
-        for study, key in zip(studies, keys, strict=True):
+        for pos, (study, key) in enumerate(zip(studies, keys, strict=True)):
             if key in seen:
                 continue
             seen.add(key)
-            seg_of = segments[done[key]]
-            report.skipped.extend(seg_of.skipped.get(key, []))
-            points = rows.get(key, [])
+            seg, rows = segment(done[key])
+            report.skipped.extend(seg.skipped.get(key, []))
+            points = [(seg, i) for i in rows.get(key, [])]
             buf.extend(points)
             if points:
                 report.studies += 1
@@ -318,6 +328,8 @@ def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], stor
             if len(buf) >= 1024:
                 next_id = _flush(writer, buf, next_id, spaces, image_root, report)
                 buf = []
+                for path in [p for p in loaded if last_use[p] <= pos]:  # no longer needed
+                    del loaded[path]
         if buf:
             next_id = _flush(writer, buf, next_id, spaces, image_root, report)
         if report.points == 0:
