@@ -321,3 +321,13 @@ def test_extractive_no_contradiction_across_anatomy_levels():
     text = draft.text().lower()
     assert "opacity in the left lower lobe" in text and "lungs are clear" not in text
     assert "heart size is normal" in text
+
+
+def test_comparison_with_hedged_states():
+    cases = [("a", 0.9, "Possible nodule in the right upper lobe. Cardiomegaly."),
+             ("b", 0.8, "Possible right upper lobe nodule. Cardiomegaly. No effusion."), ("c", 0.7, "Cardiomegaly.")]
+    prior = ("p", "Nodule in the right upper lobe. Possible cardiomegaly.", None)
+    draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
+    texts = [s.text for s in draft.interval_changes]
+    assert "Possible persistent nodule in the right lung; less definite than on the prior study." in texts
+    assert "The cardiomegaly, questioned on the prior study, is now present." in texts

@@ -12,7 +12,8 @@
 3. **Cite** each sentence with every retrieved case that agrees with it (not only its source).
 4. **Impression**: the present findings, or the best-supported normal statement when none.
 5. **Comparison** with a prior, when given: new / resolved / improved / worsened / unchanged per
-   finding, from the draft's decisions against the prior report's entities and severity words.
+   finding, from the draft's decisions against the prior report's entities and severity words;
+   hedged either side ("possible persistent ...", "questioned on the prior, now present").
 """
 
 from __future__ import annotations
@@ -178,8 +179,14 @@ class ExtractiveGenerator:
                 now = "absent"  # the analog cases leave it out: propose resolution, for review
             agree = ("absent", None) if now == "absent" else (now,)
             cites = tuple([ref] + [c.study_id for c in ctx.cases if c.labels.get(key) in agree])
-            if now == "present" and before != "present":
+            if now == "present" and before == "uncertain":
+                out.append(DraftSentence(f"The {finding}{where}, questioned on the prior study, is now present.",
+                                         cites, (f"{key}|new",)))
+            elif now == "present" and before != "present":
                 out.append(DraftSentence(f"New {finding}{where} compared with the prior study.", cites, (f"{key}|new",)))
+            elif now == "uncertain" and before == "present":
+                out.append(DraftSentence(f"Possible persistent {finding}{where}; less definite than on the prior study.",
+                                         cites, (f"{key}|unchanged",)))
             elif now == "absent" and before == "present":
                 out.append(DraftSentence(f"Interval resolution of the {finding}{where}.", cites, (f"{key}|resolved",)))
             elif now == "present" and before == "present":
