@@ -330,4 +330,6 @@ def test_comparison_with_hedged_states():
     draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
     texts = [s.text for s in draft.interval_changes]
     assert "Possible persistent nodule in the right lung; less definite than on the prior study." in texts
+    persistent = next(s for s in draft.interval_changes if s.text.startswith("Possible persistent"))
+    assert persistent.citations == ("prior:p", "a", "b")  # the prior and the cases that show it
     assert "The cardiomegaly, questioned on the prior study, is now present." in texts

@@ -177,7 +177,7 @@ class ExtractiveGenerator:
             now, before = decided.get(key), prior.labels.get(key)
             if now is None and before == "present" and self.vote(ctx, key)[0] < self.uncertain_at:
                 now = "absent"  # the analog cases leave it out: propose resolution, for review
-            agree = ("absent", None) if now == "absent" else (now,)
+            agree = {"absent": ("absent", None), "uncertain": ("present", "uncertain")}.get(now or "", (now,))
             cites = tuple([ref] + [c.study_id for c in ctx.cases if c.labels.get(key) in agree])
             if now == "present" and before == "uncertain":
                 out.append(DraftSentence(f"The {finding}{where}, questioned on the prior study, is now present.",
