@@ -115,9 +115,8 @@ class Service:
         want_findings = {m.split("|")[1] for m in matched}
         out = []
         for e in self.extractor.extract(report):
-            status = "absent" if e.negated else ("uncertain" if e.uncertain else "present")
-            hit = (e.anatomy, e.finding) in want or (e.finding in want_findings and status != "absent")
-            out.append(Highlight(e.span[0], e.span[1], e.anatomy, e.finding, status, hit))
+            hit = (e.anatomy, e.finding) in want or (e.finding in want_findings and e.status != "absent")
+            out.append(Highlight(e.span[0], e.span[1], e.anatomy, e.finding, e.status, hit))
         return out
 
     def thumbnail(self, study_id: str, n: int) -> bytes:
@@ -314,8 +313,7 @@ async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
     report = p0.get("report")
     ents = []
     for e in svc.extractor.extract(report):
-        status = "absent" if e.negated else ("uncertain" if e.uncertain else "present")
-        ents.append(EntityOut(e.anatomy, e.finding, status, (report or "")[e.span[0]:e.span[1]]))
+        ents.append(EntityOut(e.anatomy, e.finding, e.status, (report or "")[e.span[0]:e.span[1]]))
     n_images = sum(1 for p in pts if p.payload.get("image"))
     return CaseDetail(study_id, p0.get("modality"), p0.get("study_date"), report, ents,
                       svc.highlights(report, []), [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])

@@ -33,6 +33,13 @@ def labels_of(report: str | None, ex: EntityExtractor, tax: Taxonomy) -> dict[st
     return out
 
 
+def agreeing_cases(cases: Sequence[ContextCase], labels: Sequence[str]) -> list[str]:
+    """Ids of the cases whose reports state every ``anatomy|finding|status`` label the same way:
+    the cases a sentence with those labels can cite."""
+    return [c.study_id for c in cases
+            if all(c.labels.get(lab.rsplit("|", 1)[0]) == lab.rsplit("|", 1)[1] for lab in labels)]
+
+
 class ContextBuilder:
     def __init__(self, token_budget: int = 1500, taxonomy: Taxonomy | None = None) -> None:
         self.budget = token_budget

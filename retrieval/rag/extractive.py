@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from retrieval.rag.context import ContextBuilder, agreeing_cases
 from retrieval.rag.types import ContextSentence, Draft, DraftContext, DraftSentence
 from retrieval.taxonomy import default_taxonomy
 
@@ -96,8 +97,7 @@ class ExtractiveGenerator:
                        for lab in s.labels)
 
         def supporters(s: ContextSentence) -> list[str]:
-            return [c.study_id for c in ctx.cases
-                    if all(c.labels.get(_key(lab)) == _status(lab) for lab in s.labels)] or [s.study_id]
+            return agreeing_cases(ctx.cases, s.labels) or [s.study_id]
 
         covered: set[str] = set()
         chosen: list[ContextSentence] = []
@@ -158,8 +158,6 @@ class ExtractiveGenerator:
         assert prior is not None
         ref = f"prior:{prior.study_id}"
         prior_sev: dict[str, int] = {}
-        from retrieval.rag.context import ContextBuilder
-
         for s in ContextBuilder(taxonomy=self.tax).sentences(prior.study_id, prior.report):
             for lab in s.labels:
                 if _status(lab) == "present":
@@ -211,8 +209,6 @@ def copy_nearest(ctx: DraftContext) -> Draft:
 
 
 def _all_sentences(case) -> list[ContextSentence]:
-    from retrieval.rag.context import ContextBuilder
-
     return list(ContextBuilder().sentences(case.study_id, case.report))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from retrieval.rag.context import ContextBuilder
+from retrieval.rag.context import ContextBuilder, agreeing_cases
 from retrieval.rag.types import Draft, DraftContext, DraftSentence
 
 SYSTEM = ("You draft chest radiograph reports for a radiologist to review. Use only what the images "
@@ -70,8 +70,7 @@ def parse_generated(text: str, ctx: DraftContext, generator: str) -> Draft:
             valid = tuple(dict.fromkeys(c for c in cites if c in known))
             labels = tuple(lab for s in builder.sentences("gen", sentence) for lab in s.labels)
             if not valid and labels:
-                valid = tuple(c.study_id for c in ctx.cases
-                              if all(c.labels.get(lab.rsplit("|", 1)[0]) == lab.rsplit("|", 1)[1] for lab in labels))
+                valid = tuple(agreeing_cases(ctx.cases, labels))
             getattr(draft, section if section in ("findings", "impression", "interval_changes") else "findings").append(
                 DraftSentence(sentence, valid, labels))
     return draft
