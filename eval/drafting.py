@@ -103,6 +103,10 @@ def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int 
     queries = np.arange(len(studies))
     if max_queries and len(queries) > max_queries:
         queries = np.sort(rng.choice(queries, max_queries, replace=False))
+    same_patient: dict[str, list[int]] = {}
+    for j, s in enumerate(studies):
+        if s.patient_id:
+            same_patient.setdefault(s.patient_id, []).append(j)
     tax = default_taxonomy()
     ex = EntityExtractor(tax)
     builder = ContextBuilder()
@@ -118,10 +122,9 @@ def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int 
     for qi in queries:
         sims = emb @ emb[qi]
         sims[qi] = -np.inf
-        if studies[qi].patient_id:  # never draft from the same patient's other studies
-            for j, s in enumerate(studies):
-                if s.patient_id == studies[qi].patient_id:
-                    sims[j] = -np.inf
+        patient = studies[qi].patient_id
+        if patient:  # never draft from the same patient's other studies
+            sims[same_patient[patient]] = -np.inf
         top = np.argsort(-sims, kind="stable")[:k]
         ctx = builder.build([(studies[j].study_id, float(sims[j]), reports[j]) for j in top])
         drafts = {"extractive": gen.generate(ctx), "copy-nearest": copy_nearest(ctx)}
