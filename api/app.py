@@ -55,6 +55,8 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.uploads import UploadError, decode
+from retrieval.imaging.paths import ImagePathError, resolve_image
+from retrieval.records import Label, Payload
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("medrag.api")
@@ -92,7 +94,7 @@ class Service:
 
             limit = 200_000
             pts = self.index.find(SearchFilter(), limit=limit)
-            return len({p.payload.get("study_id") for p in pts}) if len(pts) < limit else None
+            return len({Payload.of(p.payload).study_id for p in pts}) if len(pts) < limit else None
         except Exception:  # counting is informative only
             return None
 
@@ -108,11 +110,11 @@ class Service:
             raise NotFound(f"study {study_id!r} is not in the index")
         return pts
 
-    def highlights(self, report: str | None, matched: list[str]) -> list[Highlight]:
+    def highlights(self, report: str | None, matched: list[Label]) -> list[Highlight]:
         if not report:
             return []
-        want = {tuple(m.split("|")[:2]) for m in matched}
-        want_findings = {m.split("|")[1] for m in matched}
+        want = {m.key for m in matched}
+        want_findings = {m.finding for m in matched}
         out = []
         for e in self.extractor.extract(report):
             hit = (e.anatomy, e.finding) in want or (e.finding in want_findings and e.status != "absent")
@@ -126,16 +128,8 @@ class Service:
             return self.thumbs[key]
         from PIL import Image
 
-        from indexer.images import ImageLoadError, load_image
 
-        images = [p.payload["image"] for p in self.study_points(study_id) if p.payload.get("image")]
-        if not 0 <= n < len(images):
-            raise NotFound(f"study {study_id!r} has no image {n}")
-        path = resolve_image(images[n], self.index.meta.image_root)
-        try:
-            arr = load_image(path, name=f"image {n} of the study")  # windowed for DICOM
-        except ImageLoadError as exc:
-            raise NotFound(f"stored image is unavailable ({exc})") from exc
+        arr = self.stored_image(study_id, n)  # windowed for DICOM
         im = Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8), mode="L")
         im.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
@@ -145,24 +139,38 @@ class Service:
             self.thumbs.popitem(last=False)
         return self.thumbs[key]
 
+    def stored_image(self, study_id: str, n: int) -> np.ndarray:
+        """Decoded stored image ``n`` of a study, through the guarded path resolver."""
+        from retrieval.imaging.images import ImageLoadError, load_image
+
+        images = [img for p in self.study_points(study_id) if (img := Payload.of(p.payload).image)]
+        if not 0 <= n < len(images):
+            raise NotFound(f"study {study_id!r} has no image {n}")
+        try:
+            path = resolve_image(images[n], self.index.meta.image_root)
+        except ImagePathError as exc:
+            raise NotFound("stored image path leaves the image root") from exc
+        try:
+            return load_image(path, name=f"image {n} of the study")
+        except ImageLoadError as exc:
+            raise NotFound(f"stored image is unavailable ({exc})") from exc
+
+    def attention_png(self, study_id: str, n: int, anatomy: str) -> bytes:
+        from retrieval.imaging.overlay import overlay_png
+
+        enc = self.searcher.image_encoder
+        if not hasattr(enc, "attention_maps"):
+            raise NotFound("this index's image encoder has no attention to show (medrag-native has)")
+        name = self.tax.anatomy(anatomy).name  # unknown names -> 400 with suggestions
+        image = self.stored_image(study_id, n)
+        return overlay_png(image, enc.attention_maps([image], anatomy=name)[0], max_side=self.settings.thumbnail_px)
+
     def search_out(self, res, took: float) -> SearchOut:
         hits = [CaseOut(h.study_id, h.score, h.modality, h.study_date, h.report, h.matched_entities,
                         self.highlights(h.report, h.matched_entities),
                         f"/api/cases/{h.study_id}/images/0" if h.image else None, h.images_matched)
                 for h in res.hits]
         return SearchOut(res.mode, res.space, res.conditioning, res.filter, round(took * 1000, 2), hits)
-
-
-def resolve_image(rel: str, root: str | None) -> Path:
-    """A payload's image path, kept inside the index's image root when it is relative."""
-    p = Path(rel)
-    if p.is_absolute() or not root:
-        return p
-    base = Path(root).resolve()
-    full = (base / p).resolve()
-    if base != full and base not in full.parents:
-        raise NotFound("stored image path leaves the image root")
-    return full
 
 
 # ---- auth ------------------------------------------------------------------------------------------
@@ -309,13 +317,13 @@ async def search_vector(state: State, data: JSONBody[VectorSearchIn]) -> SearchO
 async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
     svc = _service(state)
     pts = await _blocking(svc, lambda: svc.study_points(study_id))
-    p0 = pts[0].payload
-    report = p0.get("report")
+    p0 = Payload.of(pts[0].payload)
+    report = p0.report
     ents = []
     for e in svc.extractor.extract(report):
         ents.append(EntityOut(e.anatomy, e.finding, e.status, (report or "")[e.span[0]:e.span[1]]))
-    n_images = sum(1 for p in pts if p.payload.get("image"))
-    return CaseDetail(study_id, p0.get("modality"), p0.get("study_date"), report, ents,
+    n_images = sum(1 for p in pts if Payload.of(p.payload).image)
+    return CaseDetail(study_id, p0.modality, p0.study_date, report, ents,
                       svc.highlights(report, []), [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])
 
 
@@ -324,6 +332,15 @@ async def case_image(state: State, study_id: FromPath[str], n: FromPath[int]) ->
     """A thumbnail rendered server-side from the stored image (DICOM windowed)."""
     svc = _service(state)
     png = await _blocking(svc, lambda: svc.thumbnail(study_id, n))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@get("/api/cases/{study_id:str}/images/{n:int}/attention", guards=[require_key], tags=["cases"],
+     media_type="image/png")
+async def case_attention(state: State, study_id: FromPath[str], n: FromPath[int], anatomy: FromQuery[str]) -> Response:
+    """Where the anatomy's conditioned query looks on a stored image: a heat-map overlay (PNG)."""
+    svc = _service(state)
+    png = await _blocking(svc, lambda: svc.attention_png(study_id, n, anatomy))
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -387,6 +404,7 @@ def create_app(settings: Settings) -> Litestar:
                                   exclude=["^/metrics", "^/static"])
     return Litestar(
         route_handlers=[page, health, live, ready, taxonomy, search_image, search_study, search_text, search_vector,
+                        case_attention,
                         case_detail, case_image, draft, PrometheusController,
                         create_static_files_router("/static", [STATIC])],
         lifespan=[lifespan],

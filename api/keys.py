@@ -12,10 +12,10 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 from pathlib import Path
+
+from retrieval.storage import atomic_write_json
 
 PREFIX = "mrk_"
 
@@ -72,14 +72,5 @@ def add_key(path: str | Path, name: str) -> str:
     key = PREFIX + secrets.token_urlsafe(32)
     doc["keys"].append({"name": name, "sha256": digest(key),
                         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(p, doc, mode=0o600)
     return key

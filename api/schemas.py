@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 from litestar.datastructures import UploadFile
 
+from retrieval.records import Label
+
 
 class Highlight(msgspec.Struct, frozen=True):
     start: int  # character offsets into the report
@@ -24,7 +26,7 @@ class CaseOut(msgspec.Struct, frozen=True):
     modality: str | None
     study_date: str | None
     report: str | None
-    matched_entities: list[str]
+    matched_entities: list[Label]
     highlights: list[Highlight]
     thumbnail: str | None  # URL of the server-rendered thumbnail (needs the API key)
     images_matched: int

@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 
 from api.settings import Settings
-from indexer.images import ImageLoadError, load_image, sniff
+from retrieval.imaging.images import ImageLoadError, load_image, sniff
 
 
 class UploadError(ValueError):
@@ -41,7 +41,7 @@ def check(data: bytes, field: str, settings: Settings) -> str:
 
 
 def _check_dicom_header(data: bytes, field: str, settings: Settings) -> None:
-    from indexer.dicom import DicomDecodeError, as_int, read_header
+    from retrieval.imaging.dicom import DicomDecodeError, as_int, read_header
 
     try:
         h = read_header(data)

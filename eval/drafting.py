@@ -1,24 +1,41 @@
-"""``medrag eval draft``: leave-one-out drafting quality on a manifest with reports.
+"""``medrag eval draft``: drafting quality against held-out reports.
 
-Each query study's report is held out; its analog cases are retrieved by report embedding
-(MiniLM) from all *other* studies (report-only mode: no pixels needed), a draft is written from
-them, and the draft is compared with the held-out report:
+Protocol. Queries are the studies of ``manifest``; their analog cases are retrieved by report
+embedding (MiniLM; report-only mode, so retrieval sees the held-out report's meaning: an *oracle*
+retriever, the same for every method) from ``corpus`` (a separate split: retrieve from train,
+draft val) or, without ``corpus``, from the other studies of ``manifest`` (leave-one-out). A
+corpus study is never used for a query with the same study id or the same patient id (when the
+manifest has patient ids). With ``duplicates="both"`` every method is scored twice: with the
+corpus as it is, and with the corpus studies whose report text equals the query's (after
+lower-casing and dropping "XXXX" and punctuation: boilerplate twins) removed; the run counts them.
+
+Scores per method, each draft against its held-out report:
 
 * entity P/R/F1: (coarse anatomy, finding, status) labels from our extractor, negation-aware
   ("no effusion" only matches "no effusion"), micro-averaged, plus F1 per finding;
-* BLEU-4 (corpus, with brevity penalty, add-one smoothing for n > 1) and ROUGE-L (LCS F-measure);
-* the share of draft sentences that carry a citation.
+* BLEU-1..4, ROUGE-L and CIDEr from pycocoevalcap (the R2Gen literature's scorer) on lower-cased
+  alphanumeric tokens without "xxxx"; our own BLEU-4/ROUGE-L are kept in the JSON;
+* contradictions per 100 drafts (:class:`retrieval.rag.consistency.ConsistencyChecker`), also for
+  the held-out reports themselves (the checker's false-alarm floor);
+* mean length ratio (draft tokens / reference tokens) and the share of cited sentences.
 
-Baseline in the same run: the single nearest report copied verbatim (copy-nearest).
+Methods: ``copy-nearest`` (the top report verbatim), ``extractive`` (sentence voting without the
+checker: the drafter as it was), ``extractive+check``, ``edit-nearest`` and ``edit-consensus``
+(retrieve-and-edit from the top report or from the consensus report), ``copy-consensus`` (the
+consensus report verbatim).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +44,11 @@ import numpy as np
 
 from indexer.manifest import read_manifest
 from retrieval.entities import EntityExtractor
+from retrieval.rag.consistency import ConsistencyChecker
 from retrieval.rag.context import ContextBuilder, labels_of
-from retrieval.rag.extractive import ExtractiveGenerator, copy_nearest
+from retrieval.rag.extractive import EditNearestGenerator, ExtractiveGenerator, copy_nearest
+from retrieval.rag.types import Draft, DraftContext
+from retrieval.records import Label, Study, as_labels
 from retrieval.taxonomy import default_taxonomy
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -80,7 +100,7 @@ class _Acc:
     fp: int = 0
     fn: int = 0
 
-    def add(self, gold: set[str], pred: set[str]) -> None:
+    def add(self, gold: set[Label], pred: set[Label]) -> None:
         self.tp += len(gold & pred)
         self.fp += len(pred - gold)
         self.fn += len(gold - pred)
@@ -91,83 +111,206 @@ class _Acc:
         return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r) if p + r else 0.0, 4)}
 
 
-def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int | None = None,
-        seed: int = 0, device: str = "cpu") -> dict:
-    from eval.retrieval import text_oracle
+def normalise(text: str) -> str:
+    """The text that decides exact duplicates: lower case, no "XXXX", words only."""
+    return " ".join(tokens(text))
 
+
+def methods() -> dict[str, Callable[[DraftContext], Draft]]:
+    """Every drafting variant the harness scores (name -> draft function)."""
+    extractive = ExtractiveGenerator(check=False)
+    checked = ExtractiveGenerator(check=True)
+    edit_nearest = EditNearestGenerator(base="nearest")
+    edit_consensus = EditNearestGenerator(base="consensus")
+    copy_consensus = EditNearestGenerator(base="consensus", keep_at=0.0, add=False, check=False)
+    copy_consensus.decide = lambda ctx: {}  # type: ignore[method-assign]  # keep every sentence
+    return {"copy-nearest": copy_nearest, "extractive": extractive.generate, "extractive+check": checked.generate,
+            "copy-consensus": copy_consensus.generate, "edit-nearest": edit_nearest.generate,
+            "edit-consensus": edit_consensus.generate}
+
+
+def coco_scores(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L, CIDEr with pycocoevalcap (its BLEU prints; silenced)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {i: [r or "empty"] for i, r in enumerate(refs)}
+    res = {i: [h or "empty"] for i, h in enumerate(hyps)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        rouge, _ = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+    out = {f"bleu{n + 1}": round(float(b), 4) for n, b in enumerate(bleu)}
+    out.update(rougeL=round(float(rouge), 4), cider=round(float(cider), 4))
+    return out
+
+
+def _embed(reports: list[str], device: str, cache_dir: Path | None) -> np.ndarray:
+    """MiniLM report embeddings, cached on disk by a hash of the texts (re-runs skip the model)."""
+    from retrieval.report_text import text_oracle
+
+    key = hashlib.sha256("\x00".join(reports).encode()).hexdigest()[:20]
+    path = cache_dir / f"minilm-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    emb = np.asarray(text_oracle(reports, device)(None), np.float32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, emb)
+    return emb
+
+
+def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int | None = None,
+        seed: int = 0, device: str = "cpu", corpus: str | Path | None = None, duplicates: str = "both",
+        only: tuple[str, ...] | None = None) -> dict:
+    """Score every drafting method; ``duplicates``: ``keep`` | ``exclude`` | ``both``."""
+    if duplicates not in ("keep", "exclude", "both"):
+        raise ValueError(f"duplicates must be keep, exclude or both, not {duplicates!r}")
     t0 = time.perf_counter()
-    studies = [s for s in read_manifest(manifest) if s.report]
-    reports = [s.report or "" for s in studies]
-    emb = text_oracle(reports, device)(None)
+    out = Path(out_dir)
+    queries_all = [s for s in read_manifest(manifest) if s.report]
+    pool: list[Study] = [s for s in read_manifest(corpus) if s.report] if corpus else queries_all
+    q_reports = [s.report or "" for s in queries_all]
+    c_reports = [s.report or "" for s in pool]
+    c_emb = _embed(c_reports, device, out / ".cache")
+    q_emb = c_emb if corpus is None else _embed(q_reports, device, out / ".cache")
     rng = np.random.default_rng(seed)
-    queries = np.arange(len(studies))
+    queries = np.arange(len(queries_all))
     if max_queries and len(queries) > max_queries:
         queries = np.sort(rng.choice(queries, max_queries, replace=False))
-    same_patient: dict[str, list[int]] = {}
-    for j, s in enumerate(studies):
+
+    by_patient: dict[str, list[int]] = {}
+    by_id: dict[str, list[int]] = {}
+    by_text: dict[str, list[int]] = {}
+    for j, s in enumerate(pool):
         if s.patient_id:
-            same_patient.setdefault(s.patient_id, []).append(j)
+            by_patient.setdefault(s.patient_id, []).append(j)
+        by_id.setdefault(s.study_id, []).append(j)
+        by_text.setdefault(normalise(c_reports[j]), []).append(j)
+    counts = {"queries": int(len(queries)), "corpus": len(pool),
+              "corpus_distinct_texts": len(by_text),
+              "corpus_studies_sharing_text": sum(len(v) for v in by_text.values() if len(v) > 1),
+              "queries_with_same_patient_in_corpus": 0, "queries_with_exact_twin": 0,
+              "exact_twins_removed": 0, "patient_ids": any(s.patient_id for s in pool)}
+
     tax = default_taxonomy()
     ex = EntityExtractor(tax)
     builder = ContextBuilder()
-    gen = ExtractiveGenerator()
-    methods = ("extractive", "copy-nearest")
-    ent = {m: _Acc() for m in methods}
-    per_finding: dict[str, dict[str, _Acc]] = {m: {} for m in methods}
-    refs: list[list[str]] = []
-    hyps: dict[str, list[list[str]]] = {m: [] for m in methods}
-    rouge: dict[str, list[float]] = {m: [] for m in methods}
-    cited: dict[str, list[float]] = {m: [] for m in methods}
+    checker = ConsistencyChecker(tax)
+    variants = {m: f for m, f in methods().items() if not only or m in only}
+    settings = ["all", "no-duplicates"] if duplicates == "both" else (
+        ["all"] if duplicates == "keep" else ["no-duplicates"])
+    acc = {st: _Scores.new(variants) for st in settings}
     example = None
     for qi in queries:
-        sims = emb @ emb[qi]
-        sims[qi] = -np.inf
-        patient = studies[qi].patient_id
-        if patient:  # never draft from the same patient's other studies
-            sims[same_patient[patient]] = -np.inf
-        top = np.argsort(-sims, kind="stable")[:k]
-        ctx = builder.build([(studies[j].study_id, float(sims[j]), reports[j]) for j in top])
-        drafts = {"extractive": gen.generate(ctx), "copy-nearest": copy_nearest(ctx)}
-        gold = {f"{key}|{st}" for key, st in labels_of(reports[qi], ex, tax).items()}
-        refs.append(tokens(reports[qi]))
-        for m, d in drafts.items():
-            pred = {f"{key}|{st}" for key, st in labels_of(d.text(), ex, tax).items()}
-            ent[m].add(gold, pred)
-            for f in {lab.split("|")[1] for lab in gold | pred}:
-                per_finding[m].setdefault(f, _Acc()).add({x for x in gold if x.split("|")[1] == f},
-                                                          {x for x in pred if x.split("|")[1] == f})
-            hyps[m].append(tokens(d.text()))
-            rouge[m].append(rouge_l(refs[-1], hyps[m][-1]))
-            cited[m].append(d.citation_share())
-        if example is None and len(ctx.cases) >= 3:
-            example = {"held_out": studies[qi].study_id, "report": reports[qi], "draft": drafts["extractive"].render()}
-    result: dict[str, Any] = {"manifest": str(manifest), "queries": int(len(queries)), "k": k, "seconds": 0.0,
-                              "methods": {}}
-    for m in methods:
-        result["methods"][m] = {
-            "entity": ent[m].prf(), "bleu4": round(bleu4(refs, hyps[m]), 4),
-            "rougeL": round(float(np.mean(rouge[m])), 4), "cited_sentence_share": round(float(np.mean(cited[m])), 4),
-            "per_finding_f1": {f: acc.prf()["f1"] for f, acc in sorted(per_finding[m].items())
-                               if acc.tp + acc.fn >= 10},
-        }
+        q = queries_all[qi]
+        sims = c_emb @ q_emb[qi]
+        excluded = set(by_id.get(q.study_id, []))
+        if q.patient_id and q.patient_id in by_patient:
+            counts["queries_with_same_patient_in_corpus"] += 1
+            excluded |= set(by_patient[q.patient_id])
+        twins = set(by_text.get(normalise(q_reports[qi]), [])) - excluded
+        counts["queries_with_exact_twin"] += bool(twins)
+        counts["exact_twins_removed"] += len(twins)
+        gold = set(as_labels(labels_of(q_reports[qi], ex, tax)))
+        ref = tokens(q_reports[qi])
+        ref_contra = len(checker.check_text(q_reports[qi]))
+        for st in settings:
+            s2 = sims.copy()
+            drop = excluded | (twins if st == "no-duplicates" else set())
+            if drop:
+                s2[list(drop)] = -np.inf
+            top = np.argsort(-s2, kind="stable")[:k]
+            ctx = builder.build([(pool[j].study_id, float(s2[j]), c_reports[j]) for j in top])
+            a = acc[st]
+            a.refs.append(ref)
+            a.ref_contradictions += ref_contra
+            for m, fn in variants.items():
+                d = fn(ctx)
+                a.add(m, d, gold, ref, ex, tax, checker)
+                if example is None and m == "edit-consensus" and st == settings[-1] and len(ctx.cases) >= 3:
+                    example = {"held_out": q.study_id, "draft": d.render()}
+    result: dict[str, Any] = {"manifest": str(manifest), "corpus": str(corpus) if corpus else None, "k": k,
+                              "counts": counts, "settings": {}, "seconds": 0.0}
+    for st in settings:
+        result["settings"][st] = acc[st].summary()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["example"] = example
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft.json").write_text(json.dumps(result, indent=1))
     return result
 
 
+@dataclass
+class _Scores:
+    ent: dict[str, _Acc]
+    per_finding: dict[str, dict[str, _Acc]]
+    hyps: dict[str, list[list[str]]]
+    rouge: dict[str, list[float]]
+    cited: dict[str, list[float]]
+    ratio: dict[str, list[float]]
+    contradictions: dict[str, int]
+    refs: list[list[str]]
+    ref_contradictions: int = 0
+
+    @classmethod
+    def new(cls, variants: dict[str, Any]) -> _Scores:
+        return cls({m: _Acc() for m in variants}, {m: {} for m in variants}, {m: [] for m in variants},
+                   {m: [] for m in variants}, {m: [] for m in variants}, {m: [] for m in variants},
+                   {m: 0 for m in variants}, [])
+
+    def add(self, m: str, d: Draft, gold: set[Label], ref: list[str], ex: EntityExtractor, tax: Any,
+            checker: ConsistencyChecker) -> None:
+        pred = set(as_labels(labels_of(d.text(), ex, tax)))
+        self.ent[m].add(gold, pred)
+        for f in {lab.finding for lab in gold | pred}:
+            self.per_finding[m].setdefault(f, _Acc()).add({x for x in gold if x.finding == f},
+                                                         {x for x in pred if x.finding == f})
+        hyp = tokens(d.text())
+        self.hyps[m].append(hyp)
+        self.rouge[m].append(rouge_l(ref, hyp))
+        self.cited[m].append(d.citation_share())
+        self.ratio[m].append(len(hyp) / max(1, len(ref)))
+        self.contradictions[m] += len(checker.check(d))
+
+    def summary(self) -> dict[str, Any]:
+        n = max(1, len(self.refs))
+        out: dict[str, Any] = {"drafts": len(self.refs),
+                               "reference_contradictions_per_100": round(100 * self.ref_contradictions / n, 2),
+                               "methods": {}}
+        refs = [" ".join(r) for r in self.refs]
+        for m in self.ent:
+            out["methods"][m] = {
+                "entity": self.ent[m].prf(), **coco_scores(refs, [" ".join(h) for h in self.hyps[m]]),
+                "bleu4_own": round(bleu4(self.refs, self.hyps[m]), 4),
+                "rougeL_own": round(float(np.mean(self.rouge[m])) if self.rouge[m] else 0.0, 4),
+                "contradictions_per_100": round(100 * self.contradictions[m] / n, 2),
+                "length_ratio": round(float(np.mean(self.ratio[m])) if self.ratio[m] else 0.0, 3),
+                "cited_sentence_share": round(float(np.mean(self.cited[m])) if self.cited[m] else 0.0, 4),
+                "per_finding_f1": {f: acc.prf()["f1"] for f, acc in sorted(self.per_finding[m].items())
+                                   if acc.tp + acc.fn >= 10},
+            }
+        return out
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'method':14s} {'entP':>6s} {'entR':>6s} {'entF1':>6s} {'BLEU-4':>7s} {'ROUGE-L':>8s} {'cited':>6s}"]
-    for m, r in result["methods"].items():
-        e = r["entity"]
-        lines.append(f"{m:14s} {e['precision']:6.3f} {e['recall']:6.3f} {e['f1']:6.3f} {r['bleu4']:7.4f} "
-                     f"{r['rougeL']:8.4f} {r['cited_sentence_share']:6.3f}")
-    findings = sorted(set().union(*[r["per_finding_f1"] for r in result["methods"].values()]))
-    lines.append("")
-    lines.append(f"{'per-finding F1':24s} " + " ".join(f"{m:>14s}" for m in result["methods"]))
-    for f in findings:
-        lines.append(f"{f:24s} " + " ".join(f"{result['methods'][m]['per_finding_f1'].get(f, float('nan')):14.3f}"
-                                          for m in result["methods"]))
+    c = result["counts"]
+    lines = [f"{c['queries']} queries, corpus {c['corpus']} studies ({c['corpus_distinct_texts']} distinct texts; "
+             f"{c['corpus_studies_sharing_text']} share their text with another); queries with an exact-text twin "
+             f"in the corpus: {c['queries_with_exact_twin']} ({c['exact_twins_removed']} twins); with the same "
+             f"patient in the corpus: {c['queries_with_same_patient_in_corpus']}"
+             + ("" if c["patient_ids"] else " (no patient ids in the corpus)")]
+    for st, r in result["settings"].items():
+        lines.append("")
+        lines.append(f"[{st}] {r['drafts']} drafts; contradictions per 100 reference reports: "
+                     f"{r['reference_contradictions_per_100']}")
+        lines.append(f"{'method':17s} {'entP':>6s} {'entR':>6s} {'entF1':>6s} {'B-1':>6s} {'B-2':>6s} {'B-3':>6s} "
+                     f"{'B-4':>6s} {'R-L':>6s} {'CIDEr':>6s} {'contra':>6s} {'len':>5s} {'cited':>5s}")
+        for m, x in r["methods"].items():
+            e = x["entity"]
+            lines.append(f"{m:17s} {e['precision']:6.3f} {e['recall']:6.3f} {e['f1']:6.3f} {x['bleu1']:6.3f} "
+                         f"{x['bleu2']:6.3f} {x['bleu3']:6.3f} {x['bleu4']:6.3f} {x['rougeL']:6.3f} "
+                         f"{x['cider']:6.3f} {x['contradictions_per_100']:6.1f} {x['length_ratio']:5.2f} "
+                         f"{x['cited_sentence_share']:5.2f}")
     return "\n".join(lines)

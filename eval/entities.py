@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from retrieval.entities import EntityExtractor, report_labels
-from retrieval.taxonomy import Taxonomy, default_taxonomy
+import msgspec
 
-COARSE = ("left lung", "right lung", "lung", "left pleura", "right pleura", "pleura", "heart",
-          "mediastinum", "diaphragm", "bones", "upper abdomen", "soft tissues", "chest")
+from retrieval.entities import EntityExtractor, coarse_labels
+from retrieval.records import Label, as_labels
+from retrieval.taxonomy import default_taxonomy
 
 
 @dataclass(frozen=True)
@@ -43,23 +44,14 @@ class PRF:
                 "recall": round(self.recall, 4), "f1": round(self.f1, 4)}
 
 
-def coarse_anatomy(name: str, tax: Taxonomy) -> str:
-    """Nearest ancestor of ``name`` among the organ-and-side levels in :data:`COARSE`."""
-    for a in tax.ancestors(name):
-        if a in COARSE:
-            return a
-    return "chest"
+def predicted_labels(report: str, extractor: EntityExtractor) -> set[Label]:
+    return set(as_labels(coarse_labels(extractor.extract(report), extractor.tax)))
 
 
-def predicted_labels(report: str, extractor: EntityExtractor) -> set[str]:
-    labels = report_labels(extractor.extract(report))
-    out: dict[tuple[str, str], str] = {}
-    rank = {"absent": 0, "uncertain": 1, "present": 2}
-    for (anatomy, finding), status in labels.items():
-        key = (coarse_anatomy(anatomy, extractor.tax), finding)
-        if key not in out or rank[status] > rank[out[key]]:
-            out[key] = status
-    return {f"{a}|{f}|{s}" for (a, f), s in out.items()}
+def parse_gold(label: str) -> Label:
+    """A gold label as written in the fixture file: ``anatomy|finding|status``."""
+    anatomy, finding, status = label.split("|")
+    return msgspec.convert({"anatomy": anatomy, "finding": finding, "status": status}, Label)
 
 
 def score(gold_path: str | Path, annotation_path: str | Path) -> dict[str, object]:
@@ -75,11 +67,11 @@ def score(gold_path: str | Path, annotation_path: str | Path) -> dict[str, objec
     loose = [0, 0, 0]
     errors = {}
     for rid, labels in gold.items():
-        g, p = set(labels), predicted_labels(texts[rid], ex)
+        g, p = {parse_gold(x) for x in labels}, predicted_labels(texts[rid], ex)
         _add(full, g, p)
         _add(loose, {_drop_anatomy(x) for x in g}, {_drop_anatomy(x) for x in p})
         if g != p:
-            errors[rid] = {"missed": sorted(g - p), "spurious": sorted(p - g)}
+            errors[rid] = {"missed": [_show(x) for x in sorted(g - p)], "spurious": [_show(x) for x in sorted(p - g)]}
     return {
         "reports": len(gold),
         "labels": sum(len(v) for v in gold.values()),
@@ -89,11 +81,15 @@ def score(gold_path: str | Path, annotation_path: str | Path) -> dict[str, objec
     }
 
 
-def _drop_anatomy(label: str) -> str:
-    return label.split("|", 1)[1]
+def _drop_anatomy(label: Label) -> tuple[str, str]:
+    return (label.finding, label.status)
 
 
-def _add(acc: list[int], gold: set[str], pred: set[str]) -> None:
+def _show(label: Label) -> str:
+    return f"{label.anatomy}|{label.finding}|{label.status}"  # the fixture file's notation
+
+
+def _add(acc: list[int], gold: set[Any], pred: set[Any]) -> None:
     acc[0] += len(gold & pred)
     acc[1] += len(pred - gold)
     acc[2] += len(gold - pred)

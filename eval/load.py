@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.records import Payload
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -39,13 +41,13 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
     """Query vectors and PNG uploads taken from the index itself."""
     from PIL import Image
 
-    from api.app import resolve_image
-    from indexer.images import ImageLoadError, load_image
+    from retrieval.imaging.images import ImageLoadError, load_image
+    from retrieval.imaging.paths import resolve_image
     from retrieval.index import SearchFilter, open_index
 
     index = open_index(uri)
     try:
-        points = [p for p in index.find(SearchFilter(), limit=5000) if p.payload.get("image")]
+        points = [p for p in index.find(SearchFilter(), limit=5000) if Payload.of(p.payload).image]
         if not points:
             raise ValueError(f"{uri}: no image points to draw queries from")
         rng = np.random.default_rng(seed)
@@ -54,7 +56,7 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
         uploads = []
         for p in pick[:32]:
             try:
-                arr = load_image(resolve_image(p.payload["image"], index.meta.image_root))
+                arr = load_image(resolve_image(str(Payload.of(p.payload).image), index.meta.image_root))
             except ImageLoadError:
                 continue
             buf = io.BytesIO()
@@ -99,13 +101,24 @@ async def _drive(url: str, key: str, make_request, requests: int, concurrency: i
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
 
 
-def start_server(uri: str, keys_file: str | Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """``medrag serve`` in its own process on a free loopback port; returns once it is ready."""
+def create_key(keys_file: Path, name: str) -> str:
+    """A fresh API key, made the way an admin would (``medrag serve --add-key``), in its own process:
+    the benchmark measures the service from outside and never imports it."""
+    out = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--api-keys", str(keys_file), "--add-key", name],
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1].strip()
+
+
+def start_server(uri: str, keys_file: str | Path | None, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``medrag serve`` in its own process on a free loopback port; returns once it is ready.
+
+    ``keys_file=None`` serves with ``--allow-anonymous`` (local development)."""
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", uri, "--api-keys",
-                             str(keys_file), "--port", str(port), "--no-text-encoder"],
+    auth = ["--api-keys", str(keys_file)] if keys_file is not None else ["--allow-anonymous"]
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--index", uri, *auth,
+                             "--port", str(port), "--no-text-encoder"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.perf_counter() + timeout
@@ -137,11 +150,9 @@ def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4
         k: int = 10, seed: int = 0) -> dict:
     import httpx
 
-    from api.keys import add_key
-
     vectors, uploads = _payloads(uri, requests, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        key = add_key(Path(tmp) / "keys.json", "load-benchmark")
+        key = create_key(Path(tmp) / "keys.json", "load-benchmark")
         t_start = time.perf_counter()
         proc, url = start_server(uri, Path(tmp) / "keys.json")
         try:

@@ -20,38 +20,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from indexer.images import ImageLoadError, load_image
-from indexer.manifest import Study, read_manifest, resolve_image
+from indexer.manifest import read_manifest
 from retrieval.encoders.base import l2_normalise
-from retrieval.entities import EntityExtractor
-from retrieval.similarity import ReportMatrix, relevant_anatomies
-from retrieval.taxonomy import default_taxonomy
-
-Embedder = Callable[[str | None], np.ndarray]  # setting (anatomy or None) -> (n, d) unit rows
+from retrieval.imaging.images import ImageLoadError, load_image
+from retrieval.imaging.paths import manifest_image
+from retrieval.metrics import Embedder, MethodScores, RankConfig, rank_metrics
+from retrieval.records import Study
+from retrieval.report_text import setting_texts, text_oracle
+from retrieval.similarity import ReportMatrix
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    ks: tuple[int, ...] = (1, 5, 10, 50)
-    ndcg_ks: tuple[int, ...] = (10, 50)
-    rate_k: int = 10
-    threshold: float = 0.9  # s above this counts as a hit for Recall@K
+class EvalConfig(RankConfig):
     anatomies: tuple[str, ...] = ("lung", "left lung", "right lung", "heart", "pleura")
     max_queries: int | None = None  # evaluate a seeded sample of queries (all when None)
     seed: int = 0
-
-
-@dataclass
-class MethodScores:
-    recall: dict[str, float] = field(default_factory=dict)
-    ndcg: dict[str, float] = field(default_factory=dict)
-    ratescore: float = 0.0
 
 
 @dataclass
@@ -62,38 +51,6 @@ class SettingResult:
     dropped_silent: int
     oracle_ratescore: float
     methods: dict[str, MethodScores] = field(default_factory=dict)
-
-
-def rank_metrics(sim: np.ndarray, scores: np.ndarray, queries: np.ndarray, cfg: EvalConfig
-                 ) -> tuple[MethodScores, int, float]:
-    """Metrics for ``scores`` (len(queries), n) against true ``sim`` (same shape).
-
-    Returns the scores, the number of queries dropped for having no positive, and the oracle
-    RateScore. Column ``queries[r]`` of row ``r`` is the query itself and is excluded.
-    """
-    rows = np.arange(len(queries))
-    s = sim.copy()
-    sc = scores.astype(np.float64).copy()
-    s[rows, queries] = -1.0
-    sc[rows, queries] = -np.inf
-    kmax = max(max(cfg.ks), max(cfg.ndcg_ks), cfg.rate_k)
-    order = np.argsort(-sc, axis=1, kind="stable")[:, :kmax]
-    gains = np.take_along_axis(s, order, axis=1).clip(min=0)
-    has_pos = np.asarray((s > cfg.threshold).any(1))
-    out = MethodScores()
-    for k in cfg.ks:
-        hit = np.asarray((gains[:, :k] > cfg.threshold).any(1))
-        out.recall[f"@{k}"] = float(hit[has_pos].mean()) if has_pos.any() else float("nan")
-    ideal = -np.sort(-s.clip(min=0), axis=1)[:, :kmax]
-    disc = 1.0 / np.log2(np.arange(2, kmax + 2))
-    for k in cfg.ndcg_ks:
-        g, i = gains[:, :k], ideal[:, :k]  # fewer columns than k on a small corpus
-        dcg = (g * disc[: g.shape[1]]).sum(1)
-        idcg = (i * disc[: i.shape[1]]).sum(1)
-        out.ndcg[f"@{k}"] = float(np.mean(np.where(idcg > 0, dcg / np.maximum(idcg, 1e-12), 1.0)))
-    out.ratescore = float(gains[:, : cfg.rate_k].mean())
-    oracle = float(ideal[:, : cfg.rate_k].mean())
-    return out, int((~has_pos).sum()), oracle
 
 
 def evaluate(reports: Sequence[str | None], methods: dict[str, Embedder], cfg: EvalConfig) -> list[SettingResult]:
@@ -123,70 +80,33 @@ def evaluate(reports: Sequence[str | None], methods: dict[str, Embedder], cfg: E
 
 
 # ---- method builders ---------------------------------------------------------------------------
-def _setting_texts(reports: Sequence[str | None]):
-    """setting -> each report's text, restricted to its sentences about the anatomy when conditioned."""
-    ex = EntityExtractor()
-    tax = default_taxonomy()
-
-    def texts(setting: str | None) -> list[str]:
-        rel = relevant_anatomies(tax.anatomy(setting).name, tax) if setting else None
-        out = []
-        for r in reports:
-            if rel is None or not r:
-                out.append(r or "")
-                continue
-            kept = [s.text for s, ents in ex.sentence_entities(r) if any(e.anatomy in rel for e in ents)]
-            out.append(" ".join(kept) if kept else "")
-        return out
-
-    return texts
-
-
-def text_oracle(reports: Sequence[str | None], device: str = "cpu") -> Embedder:
-    """MiniLM embedding of each report (of its sentences about the anatomy, when conditioned)."""
-    from retrieval.encoders import create_encoder
-
-    enc = create_encoder("minilm", device=device)
-    texts_for = _setting_texts(reports)
-    cache: dict[str | None, np.ndarray] = {}
-
-    def embed(setting: str | None) -> np.ndarray:
-        if setting not in cache:
-            texts = texts_for(setting)
-            out = np.zeros((len(texts), enc.dim), np.float32)
-            for i in range(0, len(texts), 64):
-                out[i:i + 64] = enc.encode_texts(texts[i:i + 64])
-            cache[setting] = out
-        return cache[setting]
-
-    return embed
-
-
 def tfidf_baseline(reports: Sequence[str | None], max_terms: int = 4096) -> Embedder:
     """Bag-of-words TF-IDF (unigrams + bigrams, L2-normalised) of the same texts as the oracle:
-    the lexical baseline a report embedding has to beat."""
-    import re
-    from collections import Counter
+    the lexical baseline a report embedding has to beat.
 
-    texts_for = _setting_texts(reports)
-    token = re.compile(r"[a-z]+")
+    scikit-learn's ``TfidfVectorizer``: lower-cased ``[a-z]+`` tokens without the IU X-ray
+    anonymisation token ``xxxx`` (removed before bigrams are formed), sublinear tf ``1 + ln c``,
+    smoothed idf ``ln((1 + n) / (1 + df)) + 1``. The vocabulary is the ``max_terms`` terms found
+    in the most documents (sklearn's own ``max_features`` would rank by total count instead; ties
+    here go alphabetically), and rows are L2-normalised over it. Returns dense float32 rows; a
+    text with no kept term is a zero row.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
 
-    def grams(text: str) -> list[str]:
-        words = [w for w in token.findall(text.lower()) if w != "xxxx"]
-        return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    texts_for = setting_texts(reports)
 
     def embed(setting: str | None) -> np.ndarray:
-        docs = [Counter(grams(t)) for t in texts_for(setting)]
-        df = Counter(g for d in docs for g in d)
-        vocab = {g: i for i, (g, _) in enumerate(df.most_common(max_terms))}
-        idf = np.log((1 + len(docs)) / (1 + np.array([df[g] for g in vocab], np.float32))) + 1
-        out = np.zeros((len(docs), len(vocab)), np.float32)
-        for r, d in enumerate(docs):
-            for g, c in d.items():
-                if g in vocab:
-                    out[r, vocab[g]] = (1 + np.log(c)) * idf[vocab[g]]
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms > 0, norms, 1)
+        texts = texts_for(setting)
+        vec = TfidfVectorizer(lowercase=True, token_pattern=r"[a-z]+", stop_words=["xxxx"], ngram_range=(1, 2),
+                              sublinear_tf=True, smooth_idf=True, norm=None, dtype=np.float32)
+        if not any(vec.build_analyzer()(t) for t in texts):  # sklearn refuses an empty vocabulary
+            return np.zeros((len(texts), 0), np.float32)
+        x = vec.fit_transform(texts).tocsr()  # columns in alphabetical order of the terms
+        if x.shape[1] > max_terms:
+            df = np.bincount(x.indices, minlength=x.shape[1])  # one stored entry per (document, term)
+            x = x[:, np.sort(np.argsort(-df, kind="stable")[:max_terms])]
+        return np.asarray(normalize(x, norm="l2").toarray(), dtype=np.float32)
 
     return embed
 
@@ -219,7 +139,7 @@ def load_study_images(manifest: str | Path, studies: Sequence[Study], max_side: 
         imgs = []
         for rel in s.images:
             try:
-                arr = load_image(resolve_image(manifest, rel))
+                arr = load_image(manifest_image(manifest, rel))
             except ImageLoadError:
                 continue
             imgs.append(resize(arr, max_side) if max(arr.shape) > max_side else arr)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.manifest import Study, write_manifest
+from indexer.manifest import write_manifest
+from retrieval.records import Study
 
 FINDINGS = {  # name -> (report phrase when present, negative phrase, probability)
     "left_opacity": ("Patchy opacity in the left lower lobe.", None, 0.3),

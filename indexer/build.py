@@ -15,27 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
-from indexer.images import ImageLoadError, load_image
-from indexer.manifest import (
-    ManifestError,
-    Study,
-    atomic_write_bytes,
-    read_manifest,
-    resolve_image,
-    write_manifest,
-)
+from indexer.manifest import ManifestError, read_manifest, write_manifest
 from indexer.segments import Segment, SegmentStore, build_lock, fingerprint, study_key
 from retrieval.encoders import create_encoder, is_joint
-from retrieval.entities import EntityExtractor, report_labels
+from retrieval.entities import EntityExtractor, study_labels
+from retrieval.imaging.images import ImageLoadError, load_image, pixel_key
+from retrieval.imaging.paths import manifest_image
 from retrieval.index import (
     IMAGE,
     REPORT,
@@ -46,6 +40,9 @@ from retrieval.index import (
     parse_uri,
 )
 from retrieval.index.base import date_to_day
+from retrieval.records import LabelKey, Payload, Study, as_labels
+from retrieval.settings import env
+from retrieval.storage import atomic_write_bytes
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 log = logging.getLogger(__name__)
@@ -80,36 +77,38 @@ class BuildReport:
 
 
 def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy,
-                extractor: EntityExtractor) -> dict[str, Any]:
+                extractor: EntityExtractor, image_key: str | None = None) -> Payload:
     """The payload of one point: identity, metadata, report and its mined entities.
 
     Anatomy-finding pairs are listed for the anatomy and all its ancestors, so a filter on
     "lung:effusion" matches a report that says "left lower lobe effusion".
     """
-    labels = report_labels(extractor.extract(study.report))
+    labels = study_labels(study, extractor)
     present = {k for k, s in labels.items() if s == "present"}
     anyp = {k for k, s in labels.items() if s in ("present", "uncertain")}
 
-    def expand(pairs: set[tuple[str, str]]) -> list[str]:
+    def expand(pairs: set[LabelKey]) -> list[str]:
         return sorted({f"{a}:{f}" for anat, f in pairs for a in tax.ancestors(anat)})
 
-    return {
-        "study_id": study.study_id,
-        "patient_id": study.patient_id,
-        "study_date": study.study_date,
-        "study_day": date_to_day(study.study_date) if study.study_date else None,
-        "modality": study.modality,
-        "image": image,
-        "view": view,
-        "report": (study.report or "")[:REPORT_SNIPPET] or None,
-        "has_report": bool(study.report),
-        "findings": sorted({f for _, f in present}),
-        "findings_any": sorted({f for _, f in anyp}),
-        "findings_absent": sorted({f for (_, f), s in labels.items() if s == "absent"}),
-        "anatomy_findings": expand(present),
-        "anatomy_findings_any": expand(anyp),
-        "entities": [f"{a}|{f}|{s}" for (a, f), s in sorted(labels.items())],
-    }
+    return Payload(
+        study_id=study.study_id,
+        patient_id=study.patient_id,
+        study_date=study.study_date,
+        study_day=date_to_day(study.study_date) if study.study_date else None,
+        modality=study.modality,
+        image=image,
+        image_key=image_key,
+        view=view,
+        report=(study.report or "")[:REPORT_SNIPPET] or None,
+        has_report=bool(study.report),
+        findings=sorted({f for _, f in present}),
+        findings_any=sorted({f for _, f in anyp}),
+        findings_absent=sorted({f for (_, f), s in labels.items() if s == "absent"}),
+        anatomy_findings=expand(present),
+        anatomy_findings_any=expand(anyp),
+        entities=as_labels(labels),
+        labels=study.labels,
+    )
 
 
 def state_dir_for(uri: str) -> Path:
@@ -117,8 +116,7 @@ def state_dir_for(uri: str) -> Path:
     loc = parse_uri(uri)
     if loc.path is not None:
         return loc.path / ".build"
-    base = Path(os.environ.get("MEDRAG_STATE", "~/.cache/medrag")).expanduser()
-    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return env().state_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True,
@@ -192,7 +190,7 @@ def _published(state: Path, uri: str) -> tuple[BuildConfig, list[Study]]:
 def _absolute(study: Study, manifest: str | Path) -> Study:
     import msgspec
 
-    return msgspec.structs.replace(study, images=[str(resolve_image(manifest, r)) for r in study.images])
+    return msgspec.structs.replace(study, images=[str(manifest_image(manifest, r)) for r in study.images])
 
 
 def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, conditioning: list[str],
@@ -279,9 +277,10 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
             vecs[REPORT_JOINT].append(_scatter(image_enc.encode_texts([t for t in texts if t.strip()]),
                                                has_rep, image_enc.dim))
             pres[REPORT_JOINT].append(has_rep)
-        for s, rel, _, view in batch:
-            abs_img = str(resolve_image(manifest, rel)) if rel else None
-            seg.payloads.append(payload_for(s, abs_img, view, tax, extractor))
+        for s, rel, img, view in batch:
+            abs_img = str(manifest_image(manifest, rel)) if rel else None
+            key = pixel_key(img) if img is not None else None
+            seg.payloads.append(payload_for(s, abs_img, view, tax, extractor, image_key=key))
             seg.point_study.append(key_of[id(s)])
     for sp, dim in spaces.items():
         seg.vectors[sp] = np.concatenate(vecs[sp]) if vecs[sp] else np.zeros((0, dim), np.float32)
@@ -347,13 +346,13 @@ def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[s
     present = {sp: np.array([bool(seg.present[sp][i]) for seg, i in buf]) for sp in spaces}
     payloads = []
     for seg, i in buf:
-        p = dict(seg.payloads[i])
-        if p.get("image"):
+        p = seg.payloads[i]
+        if p.image:
             try:
-                p["image"] = str(Path(p["image"]).relative_to(image_root))
+                p = msgspec.structs.replace(p, image=str(Path(p.image).relative_to(image_root)))
             except ValueError:
                 pass
-        payloads.append(p)
+        payloads.append(p.to_builtins())  # backends store JSON; readers get Payload.of(...)
     writer.add(ids, vectors, payloads, present)
     report.points += len(buf)
     report.images += int(present[IMAGE].sum())
@@ -382,7 +381,7 @@ def _batches(studies: list[Study], manifest: str | Path, size: int,
         points: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
         for i, rel in enumerate(study.images):
             try:
-                pixels = load_image(resolve_image(manifest, rel), name=rel)
+                pixels = load_image(manifest_image(manifest, rel), name=rel)
             except ImageLoadError as exc:
                 skip(study, str(exc))
                 continue

@@ -8,22 +8,13 @@ own directory, so a manifest and its images can move together.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
 
-
-class Study(msgspec.Struct, frozen=True, omit_defaults=True):
-    study_id: str
-    images: list[str] = []
-    report: str | None = None
-    patient_id: str | None = None
-    study_date: str | None = None
-    modality: str | None = None
-    view: list[str] | None = None
+from retrieval.records import Study
+from retrieval.storage import atomic_write_bytes
 
 
 class ManifestError(ValueError):
@@ -74,26 +65,6 @@ def write_manifest(path: str | Path, studies: Iterable[Study]) -> int:
     lines = [msgspec.json.encode(s) + b"\n" for s in studies]
     atomic_write_bytes(path, b"".join(lines))
     return len(lines)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def resolve_image(manifest_path: str | Path, image: str) -> Path:
-    p = Path(image)
-    return p if p.is_absolute() else Path(manifest_path).resolve().parent / p
 
 
 def relative_to_manifest(manifest_path: str | Path, image: Path) -> str:

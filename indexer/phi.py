@@ -22,9 +22,10 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
+
+from retrieval.settings import env
 
 log = logging.getLogger(__name__)
 DEFAULT_KEY = "medrag-default-key-set-MEDRAG_PHI_KEY"
@@ -67,7 +68,7 @@ class PhiPolicy:
 
     @classmethod
     def from_env(cls, allow_burned_in: bool = False) -> PhiPolicy:
-        raw = os.environ.get("MEDRAG_PHI_KEY")
+        raw = env().phi_key
         if raw is None:
             log.warning("MEDRAG_PHI_KEY is not set: pseudonyms use a public default key")
         return cls((raw or DEFAULT_KEY).encode(), allow_burned_in)

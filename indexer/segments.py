@@ -2,7 +2,7 @@
 
 A build encodes studies in *segments* of a few hundred; each segment is one ``.npz`` written to
 a temporary name, fsynced and renamed, so a segment file is either complete or absent (a
-SIGKILL leaves at most a ``.tmp`` file, removed on the next run). A study is identified by a
+SIGKILL leaves at most a temp file, removed on the next run). A study is identified by a
 *study key*: a hash of its manifest record, its resolved image paths and their size and mtime.
 Segments live under a directory named by the encoder *fingerprint* (families, checkpoints,
 conditioning), so vectors from another encoder are never mixed in.
@@ -15,10 +15,8 @@ the kernel even on SIGKILL).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,35 +26,28 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from indexer.manifest import Study, resolve_image
+from retrieval.imaging.paths import manifest_image
+from retrieval.records import Payload, Study
+from retrieval.storage import LockedError, atomic_write, exclusive_lock, remove_stale_temps
 
 
-class BuildLockedError(RuntimeError):
+class BuildLockedError(LockedError):
     """Another build holds the lock for this index."""
 
 
 @contextmanager
 def build_lock(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(state_dir / "lock", "a+")  # noqa: SIM115 (held for the whole build)
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise BuildLockedError(f"another build is writing this index (lock {state_dir / 'lock'})") from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        yield
-    finally:
-        fh.close()
+        with exclusive_lock(state_dir / "lock", "another build writing this index"):
+            yield
+    except LockedError as exc:
+        raise BuildLockedError(str(exc)) from exc
 
 
 def study_key(study: Study, manifest: str | Path) -> str:
     h = hashlib.sha256(msgspec.json.encode(study))
     for rel in study.images:
-        p = resolve_image(manifest, rel)
+        p = manifest_image(manifest, rel)
         try:
             st = p.stat()
             h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -77,7 +68,7 @@ class Segment:
     point_study: list[str] = field(default_factory=list)  # study key of each point
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # space -> (points, dim)
     present: dict[str, np.ndarray] = field(default_factory=dict)  # space -> (points,) bool
-    payloads: list[dict[str, Any]] = field(default_factory=list)
+    payloads: list[Payload] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # study key -> messages
 
 
@@ -85,8 +76,7 @@ class SegmentStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        for tmp in root.glob("*.tmp*"):  # a killed writer's leftovers; never read
-            tmp.unlink(missing_ok=True)
+        remove_stale_temps(root)  # a killed writer's leftovers; never read
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("seg-*.npz"))
@@ -103,27 +93,17 @@ class SegmentStore:
     def write(self, seg: Segment) -> Path:
         name = f"seg-{hashlib.sha256(''.join(seg.study_keys).encode()).hexdigest()[:20]}.npz"
         final = self.root / name
-        tmp = self.root / f"{name}.tmp{os.getpid()}"
         arrays: dict[str, Any] = {
             "study_keys": np.array(json.dumps(seg.study_keys)),
             "point_study": np.array(json.dumps(seg.point_study)),
-            "payloads": np.array(json.dumps(seg.payloads)),
+            "payloads": np.array(msgspec.json.encode(seg.payloads).decode()),
             "skipped": np.array(json.dumps(seg.skipped)),
             "spaces": np.array(json.dumps(sorted(seg.vectors))),
         }
         for i, space in enumerate(sorted(seg.vectors)):
             arrays[f"v{i}"] = seg.vectors[space]
             arrays[f"m{i}"] = seg.present[space]
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        dfd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(final, lambda fh: np.savez(fh, **arrays))
         return final
 
     @staticmethod
@@ -133,4 +113,4 @@ class SegmentStore:
             return Segment(study_keys=json.loads(str(z["study_keys"])), point_study=json.loads(str(z["point_study"])),
                            vectors={s: z[f"v{i}"] for i, s in enumerate(spaces)},
                            present={s: z[f"m{i}"].astype(bool) for i, s in enumerate(spaces)},
-                           payloads=json.loads(str(z["payloads"])), skipped=json.loads(str(z["skipped"])))
+                           payloads=msgspec.json.decode(str(z["payloads"]), type=list[Payload]), skipped=json.loads(str(z["skipped"])))

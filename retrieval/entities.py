@@ -13,8 +13,14 @@ How a finding mention gets its attributes:
   in the same clause, or a post-cue ("is not seen", "has resolved") follows it. A clause ends at
   "but", "however", ";" and similar, so "no effusion, but there is atelectasis" keeps the
   atelectasis. "No change"/"no interval change" are not negations.
-* **uncertain**: a hedge ("may", "possible", "suspicious for", "cannot be excluded", "versus",
-  "and/or") in the clause.
+* **uncertain**: a hedge ("may", "possible", "suspicious for", "worrisome for", "concerning for",
+  "question of", "cannot be excluded", "versus", "and/or") in the clause, or a hedging predicate
+  after the mention ("metastatic disease is possible", "atelectasis is suspected").
+* **weak mentions**: costophrenic blunting stands for an effusion only when nothing else explains
+  it: not when the sentence names the cause ("blunting ... represents pleural thickening") or an
+  effusion itself, and not against an explicit "no effusion" elsewhere in the report.
+* **devices and foreign bodies**: a density said to be a foreign body, or placed in the soft
+  tissues, is not a lung opacity.
 * **anatomy**: the nearest anatomy named in the clause when it lies in the finding's organ system
   ("left lower lobe atelectasis"), else the finding's default anatomy made lateral by a side word
   ("left effusion" -> left pleura, "bibasilar atelectasis" -> both lower lobes).
@@ -27,9 +33,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from retrieval.records import ABSENT, PRESENT, UNCERTAIN, Label, LabelKey, Status, Study, collapse
 from retrieval.taxonomy import Taxonomy, default_taxonomy
-
-PRESENT, ABSENT, UNCERTAIN = "present", "absent", "uncertain"
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,14 @@ class Entity:
     span: tuple[int, int]  # character span of the mention in the report text
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         if self.negated:
             return ABSENT
         return UNCERTAIN if self.uncertain else PRESENT
+
+    @property
+    def label(self) -> Label:
+        return Label(self.anatomy, self.finding, self.status)
 
 
 @dataclass(frozen=True)
@@ -75,13 +84,35 @@ _NEG_POST = re.compile(
 )
 _UNC = re.compile(
     r"\b(may|might|could|possible|possibly|probable|probably|likely|questionable|question of|"
-    r"questioned|suspicious|suspect|suspected|suspicion|concern for|concerning for|cannot be "
+    r"question|questioned|suspicious|suspect|suspected|suspicion|concern for|concerning for|"
+    r"concerning|worrisome for|worrisome|raising the question|cannot be "
     r"(excluded|ruled out|entirely excluded)|can ?not (exclude|be excluded|rule out)|not (be )?"
     r"excluded|versus|vs|and/or|suggest|suggests|suggestive|suggesting|equivocal|indeterminate|"
-    r"borderline|upper limits? of normal|differential|consider|considered|presumably|presumed|"
+    r"borderline|differential|consider|considered|presumably|presumed|"
     r"favor|favored|may represent|compatible with|consistent with|represent|represents|"
     r"either)\b"
 )
+# a hedging predicate after the mention, ending its clause: "metastatic disease is possible",
+# "fracture is possible, if ...", "infiltrate is not excluded" (not "opacity is likely atelectasis",
+# where the hedge belongs to the diagnosis that follows)
+_UNC_POST = re.compile(
+    r"^[^,;]*?\b(is|are|was|were|remains?|seems?|appears?|would be|could be|may be|might be)\s+"
+    r"(also |more |most |less |quite |very |thought |felt |considered )?"
+    r"(possible|possibly present|probable|likely|questionable|questioned|suspected|suspicious|"
+    r"a possibility|a consideration|considered|not excluded|not entirely excluded|uncertain|"
+    r"equivocal|indeterminate|in question)"
+    r"(?=\s*($|[,;.?]|\b(given|if|in|on|at|with|but|although|clinically|and|as|though)\b))"
+)
+# "X is within (the upper) limits of normal": a normal statement about X, not a hedged X
+_NEG_LIMITS = re.compile(
+    r"^\s*((size|caliber|markings) )?(is |are |appears? |remains? |seems? )?(\w+ )?(at |near |within )"
+    r"(the )?(upper )?(limits of normal|normal limits|limit of normal)"
+)
+# blunting is an indirect sign of effusion; these findings named in the same sentence explain it
+_BLUNT = re.compile(r"\bblunt")
+_BLUNT_CAUSES = {"pleural thickening", "scarring", "atelectasis", "opacity", "consolidation"}
+# density-like findings that a foreign body or a soft-tissue location turns into "not lung"
+_DENSITY_FINDINGS = {"opacity", "nodule", "mass", "calcification"}
 _CLAUSE_BREAK = re.compile(
     r"\b(but|however|although|though|except|whereas|while|otherwise|which|aside from|"
     r"apart from)\b|;|:|,? and (there|the|a|an|mild|moderate|small|large|new)\b|, (there|the)\b"
@@ -132,33 +163,75 @@ class EntityExtractor:
             return []
         lower = report.lower()
         out: list[Entity] = []
+        weak: set[int] = set()  # ids of weak (indirect) mentions
         for sent in split_sentences(report):
-            out.extend(self._sentence(lower, sent))
-        return _dedupe(out)
+            out.extend(self._sentence(lower, sent, weak))
+        return _dedupe(self._drop_overruled(out, weak))
 
     def sentence_entities(self, report: str | None) -> list[tuple[Sentence, list[Entity]]]:
         """Each sentence with the entities stated in it (for drafting and highlighting)."""
         ents = self.extract(report)
         return [(s, [e for e in ents if e.sentence == s.index]) for s in split_sentences(report or "")]
 
+    def normal_statements(self, text: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The normal statements in ``text`` ("the lungs are clear"): (anatomy, findings stated
+        absent) each, for checks that need to know a negative was a blanket normal statement."""
+        lower = text.lower()
+        out = []
+        for ns in self.tax.normal_statements:
+            for m in ns.pattern.finditer(lower):
+                where = self._normal_anatomy(m)
+                if where is not None:
+                    out.append((where, ns.findings))
+        return out
+
     # ---- internals -------------------------------------------------------------------------
-    def _sentence(self, lower: str, sent: Sentence) -> list[Entity]:
+    def _drop_overruled(self, ents: list[Entity], weak: set[int]) -> list[Entity]:
+        """An explicit negative ("no pleural effusion") is not overruled by a weak mention of the
+        same finding (costophrenic blunting) at that anatomy or below it."""
+        if not weak:
+            return ents
+        tax = self.tax
+        explicit_absent = [e for e in ents if e.negated and id(e) not in weak]
+
+        def overruled(e: Entity) -> bool:
+            return any(a.finding == e.finding and tax.is_within(e.anatomy, a.anatomy) for a in explicit_absent)
+
+        return [e for e in ents if id(e) not in weak or e.negated or not overruled(e)]
+
+    def _sentence(self, lower: str, sent: Sentence, weak: set[int] | None = None) -> list[Entity]:
         text = lower[sent.start : sent.end]
         finds = _longest(_matches(self._findings, text))
         anats = [a for a in _longest(_matches(self._anatomies, text)) if not _overlaps(a, finds)]
         clauses = _clauses(text)
+        names = {n for n, _, _ in finds}
+        foreign = "foreign body" in names
         out: list[Entity] = []
         for name, s, e in finds:
+            mention = text[s:e]
+            is_weak = name == "effusion" and bool(_BLUNT.search(mention))
+            if is_weak and any(n in _BLUNT_CAUSES or (n == "effusion" and not _BLUNT.search(text[a:b]))
+                               for n, a, b in finds if (a, b) != (s, e)):
+                continue  # "blunting ... represents pleural thickening": the cause is stated
+            if name in _DENSITY_FINDINGS and foreign:
+                continue  # "metallic density ..., a foreign body": not a lung finding
             c0, c1 = next(((a, b) for a, b in clauses if a <= s < b), (0, len(text)))
             clause = text[c0:c1]
             before, after = text[c0:s], text[e:c1]
-            negated = _negated(before, after)
+            negated = (_negated(before, after) or bool(_NEG_LIMITS.match(after))
+                       or bool(re.search(r"\bnot\b", mention)))  # "the heart is not enlarged"
             uncertain = _uncertain(before, after, clause, first=not any(
                 c0 <= fs < s for _, fs, _ in finds))
             f = self.tax.findings[name]
-            for anatomy in self._place(f.anatomy, s, e, text, c0, c1, anats):
-                out.append(Entity(anatomy, name, f.kind, negated, uncertain and not negated,
-                                  sent.index, (sent.start + s, sent.start + e)))
+            places = self._place(f.anatomy, s, e, text, c0, c1, anats)
+            if name in _DENSITY_FINDINGS and any(self.tax.is_within(p, "soft tissues") for p in places):
+                continue  # a density in the soft tissues is not a lung finding
+            for anatomy in places:
+                ent = Entity(anatomy, name, f.kind, negated, uncertain and not negated,
+                             sent.index, (sent.start + s, sent.start + e))
+                out.append(ent)
+                if is_weak and weak is not None:
+                    weak.add(id(ent))
         for ns in self.tax.normal_statements:
             for m in ns.pattern.finditer(text):
                 where = self._normal_anatomy(m)
@@ -189,19 +262,27 @@ class EntityExtractor:
         tax = self.tax
         near = [a for a in anats if c0 <= a[1] < c1]
         place = default
+        # a side word or another system's lateral part across a comma belongs to another list item
+        sides = [(m.group(1), m.start() + c0, m.end() + c0) for m in _SIDE.finditer(text[c0:c1])
+                 if not _across_comma(text, (m.group(1), m.start() + c0, m.end() + c0), s, e)]
+        side_d = min((_dist(m, s, e) for m in sides), default=None)
         if near:
-            name = min(near, key=lambda a: _dist(a, s, e))[0]
+            nearest = min(near, key=lambda a: _dist(a, s, e))
+            name = nearest[0]
             if tax.is_within(name, default) or default == "chest" or _system(tax, name) == _system(tax, default):
                 place = name
+            elif name in ("soft tissues", "upper abdomen") and default == "lung" and _dist(nearest, s, e) < 40:
+                return [name]  # "nodule in the breast", "granuloma in the spleen"
+            elif (side_d is not None and side_d < _dist(nearest, s, e)) or _across_comma(text, nearest, s, e):
+                pass  # "bilateral granulomas ... right pleural thickening": the side word is nearer
             else:
                 side = tax.anatomies[name].side
                 if side and tax.lateral(default, side) != default:
                     return [tax.lateral(default, side)]
         if tax.anatomies[place].side:
             return [place]
-        sides = [(m.group(1), m.start(), m.end()) for m in _SIDE.finditer(text[c0:c1])]
         if sides:
-            word = min(sides, key=lambda m: _dist(m, s - c0, e - c0))[0]
+            word = min(sides, key=lambda m: _dist(m, s, e))[0]
             if word in ("left", "right"):
                 return [tax.lateral(place, word)]
             if word.startswith("bibas") and place == "lung":
@@ -226,7 +307,7 @@ def _longest(hits: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     """Keep the longest of overlapping matches ("pleural thickening" over "thickening")."""
     kept: list[tuple[str, int, int]] = []
     for h in sorted(hits, key=lambda h: (-(h[2] - h[1]), h[1])):
-        if not any(h[1] < k[2] and k[1] < h[2] for k in kept):
+        if not any(h[1] < k[2] and k[1] < h[2] and (h[1], h[2]) != (k[1], k[2]) for k in kept):
             kept.append(h)
     return sorted(kept, key=lambda h: h[1])
 
@@ -237,6 +318,11 @@ def _overlaps(a: tuple[str, int, int], others: list[tuple[str, int, int]]) -> bo
 
 def _dist(a: tuple[str, int, int], s: int, e: int) -> int:
     return max(0, a[1] - e, s - a[2])
+
+
+def _across_comma(text: str, a: tuple[str, int, int], s: int, e: int) -> bool:
+    lo, hi = (a[2], s) if a[2] <= s else (e, a[1])
+    return "," in text[lo:hi]
 
 
 def _clauses(text: str) -> list[tuple[int, int]]:
@@ -253,6 +339,8 @@ def _negated(before: str, after: str) -> bool:
 
 
 def _uncertain(before: str, after: str, clause: str, first: bool) -> bool:
+    if _UNC_POST.match(after):
+        return True
     for m in _UNC.finditer(clause):
         cue = m.group(1)
         if cue in ("versus", "vs", "and/or", "either"):
@@ -280,17 +368,21 @@ def _dedupe(ents: list[Entity]) -> list[Entity]:
     return list(seen.values())
 
 
-def report_labels(entities: Iterable[Entity]) -> dict[tuple[str, str], str]:
-    """Collapse entities to one status per (anatomy, finding) for the whole report.
+def study_labels(study: Study, extractor: EntityExtractor) -> dict[LabelKey, Status]:
+    """A study's labels: its ground-truth labels when a labelled source gave them (each a present
+    finding at the finding's home anatomy), else those mined from its report."""
+    if study.labels is not None:
+        tax = extractor.tax
+        found = (tax.finding(name) for name in study.labels)
+        return collapse(Label(f.anatomy, f.name, PRESENT) for f in found)
+    return report_labels(extractor.extract(study.report))
 
-    A finding stated present anywhere wins over uncertain, which wins over absent: reports often
-    say "no effusion on the right" and "small left effusion" in the same breath, and a normal
-    statement ("lungs are clear") must not erase a specific positive one.
-    """
-    rank = {ABSENT: 0, UNCERTAIN: 1, PRESENT: 2}
-    out: dict[tuple[str, str], str] = {}
-    for e in entities:
-        key = (e.anatomy, e.finding)
-        if key not in out or rank[e.status] > rank[out[key]]:
-            out[key] = e.status
-    return out
+
+def coarse_labels(entities: Iterable[Entity], tax: Taxonomy) -> dict[LabelKey, Status]:
+    """Like :func:`report_labels`, with each anatomy raised to its coarse level first."""
+    return collapse(Label(tax.coarse(e.anatomy), e.finding, e.status) for e in entities)
+
+
+def report_labels(entities: Iterable[Entity]) -> dict[LabelKey, Status]:
+    """One status per (anatomy, finding) for the whole report (:func:`retrieval.records.collapse`)."""
+    return collapse(e.label for e in entities)

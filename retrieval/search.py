@@ -25,6 +25,7 @@ import numpy as np
 
 from retrieval.encoders import EncoderError, encoder_from_description, is_joint
 from retrieval.encoders.base import l2_normalise
+from retrieval.imaging.images import pixel_key
 from retrieval.index import (
     IMAGE,
     REPORT,
@@ -34,6 +35,7 @@ from retrieval.index import (
     VectorIndex,
     anatomy_space,
 )
+from retrieval.records import ABSENT, Label, Payload
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 
@@ -52,6 +54,7 @@ class Query:
     exclude_patient_id: str | None = None
     date_from: str | None = None
     date_to: str | None = None
+    exclude_image_keys: tuple[str, ...] = ()  # content keys of the query's own images
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,10 @@ class CaseHit:
     modality: str | None
     study_date: str | None
     report: str | None
-    matched_entities: list[str]
+    matched_entities: list[Label]
     images_matched: int = 1
+    stated: list[Label] = field(default_factory=list)  # every present/hedged label of the case
+    labels: list[str] | None = None  # a labelled source's label names ([]: normal)
 
 
 @dataclass(frozen=True)
@@ -98,17 +103,19 @@ class Searcher:
             raise SearchError("this searcher has no image encoder")
         space, anatomy = self._space(q.anatomy)
         vec = self._mean(self.image_encoder.encode_images(list(images), anatomy=anatomy))
+        # the query's own pixels never count as a result, whatever study id they are stored under
+        q = _replace(q, exclude_image_keys=(*q.exclude_image_keys, *(pixel_key(i) for i in images)))
         return self._run("image->image", space, vec, q, conditioned=anatomy is not None)
 
     def by_study(self, study_id: str, q: Query, same_patient: bool = True) -> SearchResult:
         """Cases similar to a study already in the index (its stored vectors are the query)."""
         points = [p for p in self.index.find(SearchFilter(study_ids=[study_id]), limit=256)
-                  if p.payload.get("image")]
+                  if Payload.of(p.payload).image]
         if not points:
             raise SearchError(f"study {study_id!r} is not in the index (or has no image)")
         space, anatomy = self._space(q.anatomy)
         vec = self._mean(self.index.vectors(space, [p.id for p in points]))
-        patient = points[0].payload.get("patient_id")
+        patient = Payload.of(points[0].payload).patient_id
         q2 = _replace(q, exclude_study_id=study_id,
                       exclude_patient_id=q.exclude_patient_id or (None if same_patient else patient))
         return self._run("study->image", space, vec, q2, conditioned=anatomy is not None)
@@ -186,9 +193,11 @@ class Searcher:
         flt = self._filter(q)
         fetch = q.k * 3 + 8
         while True:
-            points = self.index.search(space, vec, fetch, flt)[0]
+            found = self.index.search(space, vec, fetch, flt)[0]
+            points = [p for p in found if Payload.of(p.payload).image_key not in q.exclude_image_keys] \
+                if q.exclude_image_keys else found
             hits = _by_study(points, q.k)
-            if len(hits) >= q.k or len(points) < fetch or fetch >= 64 * q.k:
+            if len(hits) >= q.k or len(found) < fetch or fetch >= 64 * q.k:
                 break
             fetch *= 4
         kind = ("embedding:" + space.split("@", 1)[1]) if conditioned else ""
@@ -197,26 +206,27 @@ class Searcher:
                             [self._case(h, n, q) for h, n in hits])
 
     def _case(self, hit: Hit, n_images: int, q: Query) -> CaseHit:
-        p = hit.payload
-        return CaseHit(study_id=str(p.get("study_id")), score=round(hit.score, 6), point_id=hit.id,
-                       image=p.get("image"), modality=p.get("modality"), study_date=p.get("study_date"),
-                       report=p.get("report"), matched_entities=self._matched(p, q), images_matched=n_images)
+        p = Payload.of(hit.payload)
+        return CaseHit(study_id=p.study_id, score=round(hit.score, 6), point_id=hit.id,
+                       image=p.image, modality=p.modality, study_date=p.study_date,
+                       report=p.report, matched_entities=self._matched(p, q), images_matched=n_images,
+                       stated=[e for e in p.entities if e.status != ABSENT], labels=p.labels)
 
-    def _matched(self, payload: dict[str, Any], q: Query) -> list[str]:
-        ents = [e for e in payload.get("entities") or [] if not e.endswith("|absent")]
+    def _matched(self, payload: Payload, q: Query) -> list[Label]:
+        ents = [e for e in payload.entities if e.status != ABSENT]
         if q.anatomy:
             scope = set(self.tax.descendants(self.tax.anatomy(q.anatomy).name))
-            ents = [e for e in ents if e.split("|")[0] in scope]
+            ents = [e for e in ents if e.anatomy in scope]
         if q.finding:
             f = self.tax.finding(q.finding).name
-            ents = [e for e in ents if e.split("|")[1] == f]
+            ents = [e for e in ents if e.finding == f]
         return ents
 
 
 def _by_study(points: list[Hit], k: int) -> list[tuple[Hit, int]]:
     best: dict[str, tuple[Hit, int]] = {}
     for h in points:
-        sid = str(h.payload.get("study_id"))
+        sid = Payload.of(h.payload).study_id
         if sid in best:
             best[sid] = (best[sid][0], best[sid][1] + 1)
         else:

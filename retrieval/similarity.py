@@ -25,20 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.entities import ABSENT, PRESENT, UNCERTAIN, EntityExtractor, report_labels
+from retrieval.entities import EntityExtractor, report_labels, study_labels
+from retrieval.records import STATUS_VALUE, LabelKey, Status, Study
 from retrieval.taxonomy import Taxonomy, default_taxonomy
-
-VALUE = {PRESENT: 1.0, UNCERTAIN: 0.5, ABSENT: 0.0}
-COARSE = ("left lung", "right lung", "lung", "left pleura", "right pleura", "pleura", "heart",
-          "mediastinum", "diaphragm", "bones", "upper abdomen", "soft tissues", "chest")
-
-
-def coarse_anatomy(name: str, tax: Taxonomy) -> str:
-    """Nearest ancestor of ``name`` among organ-and-side levels (:data:`COARSE`)."""
-    for a in tax.ancestors(name):
-        if a in COARSE:
-            return a
-    return tax.ancestors(name)[-1]
 
 
 def relevant_anatomies(anatomy: str, tax: Taxonomy) -> set[str]:
@@ -53,10 +42,24 @@ class ReportMatrix:
     """
 
     def __init__(self, reports: Sequence[str | None], taxonomy: Taxonomy | None = None,
-                 extractor: EntityExtractor | None = None) -> None:
+                 extractor: EntityExtractor | None = None,
+                 labels: Sequence[dict[LabelKey, Status]] | None = None) -> None:
         self.tax = taxonomy or default_taxonomy()
-        ex = extractor or EntityExtractor(self.tax)
-        self.labels = [report_labels(ex.extract(r)) for r in reports]
+        if labels is not None:
+            self.labels = list(labels)
+        else:
+            ex = extractor or EntityExtractor(self.tax)
+            self.labels = [report_labels(ex.extract(r)) for r in reports]
+
+    @classmethod
+    def from_studies(cls, studies: Sequence[Study], taxonomy: Taxonomy | None = None) -> ReportMatrix:
+        """Ground-truth labels where a study has them, mined report labels otherwise.
+
+        With labels that list positives only (NIH: "Effusion|Mass"), s over label keys is exactly
+        the Jaccard index of the two label sets, and two normal studies agree fully (s = 1)."""
+        tax = taxonomy or default_taxonomy()
+        ex = EntityExtractor(tax)
+        return cls([], tax, labels=[study_labels(s, ex) for s in studies])
 
     def values(self, anatomy: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(values, stated-mask, keys) for ``anatomy`` (None: all anatomies, coarse keys)."""
@@ -67,8 +70,8 @@ class ReportMatrix:
             for (anat, finding), status in labels.items():
                 if rel is not None and anat not in rel:
                     continue
-                key = finding if rel is not None else f"{coarse_anatomy(anat, self.tax)}|{finding}"
-                row[key] = max(row.get(key, -1.0), VALUE[status])
+                key = finding if rel is not None else f"{self.tax.coarse(anat)}|{finding}"  # a column name
+                row[key] = max(row.get(key, -1.0), STATUS_VALUE[status])
             rows.append(row)
         keys = sorted({k for r in rows for k in r})
         col = {k: c for c, k in enumerate(keys)}
@@ -88,20 +91,28 @@ class ReportMatrix:
     def similarity(self, anatomy: str | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """s_a for ``rows`` (default all) against all reports: float32 (len(rows), n)."""
         vals, mask, _ = self.values(anatomy)
-        n = len(self.labels)
-        rows = np.arange(n) if rows is None else np.asarray(rows)
-        if vals.shape[1] == 0:
-            return np.ones((len(rows), n), np.float32)
-        agree = np.zeros((len(rows), n), np.float32)
-        union = np.zeros((len(rows), n), np.float32)
-        for f in range(vals.shape[1]):
-            x, m = vals[:, f], mask[:, f]
-            u = m[rows, None] | m[None, :]
-            union += u
-            agree += u * (1.0 - np.abs(x[rows, None] - x[None, :]))
-        out = np.ones_like(agree)
-        np.divide(agree, union, out=out, where=union > 0)
-        return out
+        rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
+        return agreement(vals[rows], mask[rows], vals, mask)
+
+
+def agreement(vals_a: np.ndarray, mask_a: np.ndarray, vals_b: np.ndarray, mask_b: np.ndarray) -> np.ndarray:
+    """The s_a formula itself, for (n_a, F) and (n_b, F) value/stated-mask matrices: (n_a, n_b).
+
+    The one implementation of s_a (training targets, evaluation ground truth and the similarity
+    API all call it), so the quantity a model is trained on is exactly the one it is scored on.
+    """
+    na, nb = len(vals_a), len(vals_b)
+    if vals_a.shape[1] == 0:
+        return np.ones((na, nb), np.float32)
+    agree = np.zeros((na, nb), np.float32)
+    union = np.zeros((na, nb), np.float32)
+    for f in range(vals_a.shape[1]):
+        u = mask_a[:, f, None] | mask_b[None, :, f]
+        union += u
+        agree += u * (1.0 - np.abs(vals_a[:, f, None] - vals_b[None, :, f]))
+    out = np.ones_like(agree)
+    np.divide(agree, union, out=out, where=union > 0)
+    return out
 
 
 def pair_similarity(report_a: str | None, report_b: str | None, anatomy: str | None = None) -> float:

@@ -30,6 +30,7 @@ class Anatomy:
     side: str | None = None  # "left" / "right" for lateralised parts
     left: str | None = None  # lateral child used when a report gives only a side
     right: str | None = None
+    coarse: bool = False  # an organ-and-side level (see Taxonomy.coarse)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,22 @@ class Taxonomy:
     def is_within(self, name: str, ancestor: str) -> bool:
         return ancestor in self.ancestors(name)
 
+    def coarse(self, name: str) -> str:
+        """The nearest ancestor of ``name`` marked ``coarse`` in the taxonomy (organ and side).
+
+        Labels are compared at this level where the exact part is noise: "left lower lobe
+        atelectasis" and "left basilar atelectasis" are the same left-lung statement.
+        """
+        chain = self.ancestors(name)
+        return next((a for a in chain if self.anatomies[a].coarse), chain[-1])
+
+    @property
+    def coarse_order(self) -> tuple[str, ...]:
+        """Coarse anatomies in reading order (the file's order, the whole chest last)."""
+        coarse = [a.name for a in self.anatomies.values() if a.coarse]
+        return tuple([a for a in coarse if self.anatomies[a].parent is not None]
+                     + [a for a in coarse if self.anatomies[a].parent is None])
+
     def lateral(self, name: str, side: str) -> str:
         """The left/right part of ``name`` (``pleura`` + left -> ``left pleura``), else ``name``."""
         a = self.anatomy(name)
@@ -92,7 +109,7 @@ class Taxonomy:
         raise UnknownTermError(_unknown("anatomy", name, self.anatomies))
 
     def finding(self, name: str) -> Finding:
-        key = name.strip().lower()
+        key = name.strip().lower().replace("_", " ")  # dataset spellings: Pleural_Thickening
         if key in self.findings:
             return self.findings[key]
         for f in self.findings.values():
@@ -130,6 +147,7 @@ def _parse(raw: dict) -> Taxonomy:
             side=a.get("side"),
             left=a.get("left"),
             right=a.get("right"),
+            coarse=bool(a.get("coarse", False)),
         )
         for a in raw["anatomies"]
     }

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.dicom import DicomDecodeError, decode_dicom, read_header
-from indexer.images import ImageLoadError, load_image, sniff
+from retrieval.imaging.dicom import DicomDecodeError, decode_dicom, read_header
+from retrieval.imaging.images import ImageLoadError, load_image, sniff
 
 from .conftest import pydicom_data_dir
 

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.app import NotFound, resolve_image
 from api.settings import Settings
 from api.uploads import UploadError, check
-from indexer.images import ImageLoadError, load_image
+from retrieval.imaging.images import ImageLoadError, load_image
+from retrieval.imaging.paths import ImagePathError, manifest_image, resolve_image
 
 from .conftest import pydicom_data_dir, synthetic_cxr
 
@@ -138,9 +138,15 @@ def test_lying_dimensions_are_refused_before_allocation(tmp_path):
 @pytest.mark.parametrize("name", ["../../etc/passwd", "images/../../../secret.png", "a/../../b.png"])
 def test_path_traversal_is_refused(tmp_path, name):
     (tmp_path / "root").mkdir()
-    with pytest.raises(NotFound, match="leaves the image root"):
+    with pytest.raises(ImagePathError, match="leaves its root folder"):
         resolve_image(name, str(tmp_path / "root"))
     assert resolve_image("images/x.png", str(tmp_path / "root")) == tmp_path / "root" / "images" / "x.png"
+    # a symlink inside the root that points outside it is refused too
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    with pytest.raises(ImagePathError):
+        resolve_image("link/secret.png", str(tmp_path / "root"))
+    # a manifest (written by the user) may point next door; payloads may not
+    assert manifest_image(tmp_path / "root" / "m.jsonl", "../img.png") == tmp_path / "root" / ".." / "img.png"
 
 
 def test_regression_rust_codec_panic_is_a_clear_error():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from retrieval.index import IndexError_, IndexMeta, SearchFilter, open_index, open_writer
+from retrieval.index.base import SearchRequest
 
 N, D, K = 600, 24, 10
 _counter = itertools.count()
@@ -122,3 +123,44 @@ def test_publish_is_atomic_and_abort_keeps_the_old_version(backend, tmp_path):
     assert len(open_index(uri)) == N
     v2 = _build(uri, "flat", x[::-1].copy(), r, payloads)
     assert v2 != v1 and open_index(uri).meta.version == v2
+
+
+def _same_hits(got, ref):
+    """Same ranking up to ties: scores agree position by position, ids agree unless tied."""
+    assert len(got) == len(ref)
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in ref], atol=1e-5)
+    for g, r in zip(got, ref, strict=True):
+        assert g.id == r.id or np.isclose(g.score, r.score, atol=1e-5)
+        assert g.payload == r.payload
+
+
+@pytest.mark.parametrize(("backend", "kind"), BACKENDS)
+def test_search_batch_equals_one_by_one(backend, kind, tmp_path):
+    x, r, payloads = _data()
+    uri = _uri(backend, tmp_path)
+    _build(uri, kind, x, r, payloads)
+    ix = open_index(uri)
+    rng = np.random.default_rng(2)
+    rows = rng.choice(N, 12, replace=False)
+    qs = x[rows] + 0.05 * rng.standard_normal((12, D)).astype(np.float32)
+    # a mixed batch: spaces, k, shared and per-query filters (each query excluding its own study)
+    reqs = [SearchRequest("image", q, K, FILTERS[i % len(FILTERS)]) for i, q in enumerate(qs[:6])]
+    reqs += [SearchRequest("image", q, 3 + i, SearchFilter(exclude_study_ids=[payloads[row]["study_id"]]))
+             for i, (q, row) in enumerate(zip(qs[6:9], rows[6:9], strict=True))]
+    reqs += [SearchRequest("image@heart", qs[9][::-1].copy(), K), SearchRequest("report", r[rows[10]], 5),
+             SearchRequest("image", qs[11][None], K)]  # a (1, dim) row is accepted too
+    batch = ix.search_batch(reqs)
+    assert len(batch) == len(reqs)
+    for req, got in zip(reqs, batch, strict=True):
+        _same_hits(got, ix.search(req.space, req.row(), req.k, req.flt)[0])
+        assert all(req.flt is None or req.flt.matches(h.payload) for h in got)
+    # several rows under one filter through ``search`` equal the rows one by one
+    flt = FILTERS[2]
+    for q, got in zip(qs, ix.search("image", qs, K, flt), strict=True):
+        _same_hits(got, ix.search("image", q[None], K, flt)[0])
+    assert ix.search_batch([]) == []
+    with pytest.raises(IndexError_, match="one vector"):
+        ix.search_batch([SearchRequest("image", qs[:2], K)])
+    with pytest.raises(IndexError_, match="dimension"):
+        ix.search_batch([SearchRequest("image", np.zeros(D + 1, np.float32), K)])
+    ix.close()

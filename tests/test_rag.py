@@ -14,7 +14,8 @@ from retrieval.rag import ContextBuilder, ExtractiveGenerator, copy_nearest
 from retrieval.rag.context import labels_of
 from retrieval.rag.http import GeneratorError, OpenAICompatibleGenerator
 from retrieval.rag.prompting import build_prompt, parse_generated
-from retrieval.rag.vlm import DraftImages
+from retrieval.rag.types import DraftImages
+from retrieval.records import Label, LabelKey
 
 from .conftest import save_png, synthetic_cxr
 
@@ -32,8 +33,7 @@ def _statuses(draft) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for s in draft.sentences():
         for lab in s.labels:
-            key, _, st = lab.rpartition("|")
-            out.setdefault(key, set()).add(st)
+            out.setdefault(f"{lab.anatomy}|{lab.finding}", set()).add(lab.status)
     return out
 
 
@@ -41,8 +41,8 @@ def test_context_deduplicates_and_respects_the_budget():
     ctx = _ctx([("a", 0.9, EFFUSION), ("b", 0.8, EFFUSION), ("c", 0.7, NORMAL)])
     assert [c.study_id for c in ctx.cases] == ["a", "b", "c"]
     assert ctx.cases[1].sentences == ()  # every sentence of b is a duplicate of a's
-    assert ctx.cases[0].labels["left pleura|effusion"] == "present"
-    assert ctx.cases[2].labels["pleura|effusion"] == "absent"
+    assert ctx.cases[0].labels[LabelKey("left pleura", "effusion")] == "present"
+    assert ctx.cases[2].labels[LabelKey("pleura", "effusion")] == "absent"
     small = _ctx([("a", 0.9, EFFUSION), ("c", 0.7, NORMAL), ("d", 0.6, CARDIO)], budget=12)
     assert [c.study_id for c in small.cases] == ["a"] and small.tokens <= 20  # first case always kept
     assert _ctx([("e", 0.9, ""), ("f", 0.8, None)]).cases == ()
@@ -81,7 +81,7 @@ def test_comparison_with_prior_states_interval_change():
              ("c", 0.7, "Moderate cardiomegaly. Large left pleural effusion. No pneumothorax.")]
     prior = ("p1", "Small left pleural effusion. Cardiomegaly. Right upper lobe opacity.", "2020-01-01")
     draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
-    changes = {lab.rpartition("|")[2]: s for s in draft.interval_changes for lab in s.labels}
+    changes = {s.change: s for s in draft.interval_changes}
     assert set(changes) == {"worsened", "unchanged", "resolved"}
     assert "effusion" in changes["worsened"].text and "cardiomegaly" in changes["unchanged"].text
     assert "opacity" in changes["resolved"].text and "right lung" in changes["resolved"].text
@@ -104,7 +104,7 @@ def test_parse_generated_keeps_only_known_citations():
             "COMPARISON: New left effusion [prior:p].\nIMPRESSION: Left effusion [a].")
     d = parse_generated(text, ctx, "test")
     assert [s.citations for s in d.findings] == [("a",), ("a",), ("c",), ()]
-    assert d.findings[1].labels == ("pleura|pneumothorax|absent",)  # cited post hoc by agreement
+    assert d.findings[1].labels == (Label("pleura", "pneumothorax", "absent"),)  # cited post hoc by agreement
     assert d.interval_changes[0].citations == ("prior:p",) and d.impression[0].citations == ("a",)
     assert "[uncited]" in d.render()  # unsupported text is shown as such, never attributed
     prompt = build_prompt(ctx, 1, 1, ["a"])
@@ -117,7 +117,7 @@ def test_draft_metrics():
     assert rouge_l(a, tokens("heart size normal")) == pytest.approx((1 + 1.44) * 1.0 * 0.5 / (0.5 + 1.44))
     assert bleu4([a], [tokens("completely different words here")]) < 0.05
     assert labels_of("No effusion. Possible right lower lobe pneumonia.", *_ex()) == {
-        "pleura|effusion": "absent", "right lung|pneumonia": "uncertain"}
+        LabelKey("pleura", "effusion"): "absent", LabelKey("right lung", "pneumonia"): "uncertain"}
 
 
 def _ex():
@@ -264,9 +264,10 @@ def test_vlm_generator_loads_a_local_model_and_drafts(tiny_llava):
 
 # ---- the CLI, end to end: index -> retrieve -> draft -------------------------------------------
 def test_cli_draft_with_prior(tmp_path, capsys):
+    from api.cli import main
     from indexer.build import BuildConfig, build_index
-    from indexer.manifest import Study, write_manifest
-    from retrieval.cli import main
+    from indexer.manifest import write_manifest
+    from retrieval.records import Study
 
     studies = []
     for i in range(12):
@@ -294,8 +295,9 @@ def test_cli_draft_with_prior(tmp_path, capsys):
 
 
 def test_eval_draft_leave_one_out(tmp_path, capsys):
-    from indexer.manifest import Study, write_manifest
-    from retrieval.cli import main
+    from api.cli import main
+    from indexer.manifest import write_manifest
+    from retrieval.records import Study
 
     reps = [EFFUSION, EFFUSION2, NORMAL, "No effusion. Lungs clear. No acute disease.", CARDIO,
             "Cardiomegaly. No consolidation or effusion."]

@@ -54,7 +54,7 @@ def _count(uri: str) -> int:
 
 
 def _cmd(manifest, uri, *extra):
-    return [sys.executable, "-m", "retrieval.cli", "index", "build", str(manifest), "--index", uri, "--encoder",
+    return [sys.executable, "-m", "api.cli", "index", "build", str(manifest), "--index", uri, "--encoder",
             "medrag-native", "--random-init", "--conditioning", "left lung", "--text-encoder", "none",
             "--no-progress", "--segment-size", "8", "--batch-size", "8", *extra]
 
@@ -157,7 +157,7 @@ def test_one_writer_at_a_time(synth, tmp_path):
     with build_lock(state_dir_for(uri)):
         with pytest.raises(BuildLockedError, match="another build"):
             build_index(synth, uri, CFG, progress=False)
-    from retrieval.cli import main
+    from api.cli import main
 
     with build_lock(state_dir_for(uri)):
         assert main(["index", "build", str(synth), "--index", uri, "--text-encoder", "none", "--no-progress"]) == 2

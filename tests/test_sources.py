@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from indexer.manifest import ManifestError, Study, read_manifest, write_manifest
+from indexer.manifest import ManifestError, read_manifest, write_manifest
 from indexer.sources.dicom_folder import from_dicom_folder, pseudonym
 from indexer.sources.r2gen import from_r2gen
+from retrieval.records import Study
 
 from .conftest import pydicom_data_dir, save_png, synthetic_cxr
 

@@ -154,7 +154,7 @@ def test_trained_checkpoint_loads_and_learns_conditioned_similarity(synth, tmp_p
 
 
 def test_cli_eval_retrieval_with_every_baseline(tmp_path, capsys):
-    from retrieval.cli import main
+    from api.cli import main
 
     assert main(["eval", "synth", "--out", str(tmp_path / "s"), "-n", "30", "--size", "64"]) == 0
     manifest = str(tmp_path / "s" / "manifest.jsonl")

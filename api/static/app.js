@@ -4,6 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 let file = null;
+let authorized = false; // the server answered a data route: a valid key, or --allow-anonymous
+let lastAnatomy = "";  // the anatomy the shown results were conditioned on
 const thumbURLs = [];
 
 function key() { return localStorage.getItem("medrag-key") || ""; }
@@ -39,14 +41,18 @@ async function loadTaxonomy() {
     a.length = 1; f.length = 1;
     t.conditioned.forEach((x) => option(a, x));
     t.findings.forEach((x) => option(f, x));
+    authorized = true;
     status("");
     updateButton();
   } catch (e) {
+    authorized = false;
     status(key() ? "API key rejected (" + e.message + ")" : "Enter an API key");
+    updateButton();
   }
 }
 
-function updateButton() { $("go").disabled = !(file && key()); }
+// a key is needed only where the server asks for one: anonymous servers work without typing any
+function updateButton() { $("go").disabled = !(file && authorized); }
 
 function pick(f) {
   if (!f) return;
@@ -94,6 +100,13 @@ async function render(res) {
     const img = document.createElement("img");
     img.alt = "study " + h.study_id;
     card.appendChild(img);
+    let heat = null;
+    if (lastAnatomy && h.thumbnail) { // where the conditioned query looked, beside the image
+      heat = document.createElement("img");
+      heat.className = "attention";
+      heat.alt = "attention of the " + lastAnatomy + " query on study " + h.study_id;
+      card.appendChild(heat);
+    }
     const meta = document.createElement("div");
     meta.className = "meta";
     const s = document.createElement("span"); s.className = "score"; s.textContent = h.score.toFixed(3);
@@ -102,7 +115,7 @@ async function render(res) {
     card.appendChild(meta);
     if (h.matched_entities.length) {
       const t = document.createElement("div"); t.className = "tags";
-      t.textContent = h.matched_entities.join(", ");
+      t.textContent = h.matched_entities.map((e) => `${e.anatomy}: ${e.finding} (${e.status})`).join(", ");
       card.appendChild(t);
     }
     card.appendChild(reportNode(h.report, h.highlights));
@@ -110,6 +123,11 @@ async function render(res) {
     card.addEventListener("keydown", (e) => { if (e.key === "Enter") openCase(h.study_id); });
     box.appendChild(card);
     if (h.thumbnail) thumb(h.thumbnail).then((u) => { img.src = u; img.dataset.loaded = "1"; }).catch(() => {});
+    if (heat) {
+      thumb(h.thumbnail + "/attention?anatomy=" + encodeURIComponent(lastAnatomy))
+        .then((u) => { heat.src = u; heat.dataset.loaded = "1"; })
+        .catch(() => { heat.remove(); }); // encoders without attention (pixels, CLIP) show none
+    }
   }
 }
 
@@ -145,7 +163,9 @@ async function search(ev) {
   if ($("finding").value) fd.append("finding", $("finding").value);
   $("go").disabled = true; status("searching...");
   try {
-    await render(await (await api("/api/search/image", { method: "POST", body: fd })).json());
+    const res = await (await api("/api/search/image", { method: "POST", body: fd })).json();
+    lastAnatomy = res.conditioning.startsWith("embedding:") ? $("anatomy").value : "";
+    await render(res);
     status("");
   } catch (e) { status(e.message); }
   finally { updateButton(); }

@@ -6,13 +6,36 @@ an unreadable DICOM), so a build reports losses instead of hiding them.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from indexer.manifest import Study
+from retrieval.records import Study
 
 
 @dataclass
 class SourceResult:
     studies: list[Study] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # "<file or id>: reason"
+    skipped: list[str] = field(default_factory=list)  # "<file or id>: reason" - dropped
+    warnings: list[str] = field(default_factory=list)  # "<file or row>: reason" - kept, with a loss
     fetched: int = 0  # studies fetched from a remote source in this run (DICOMweb)
+
+
+# name -> "module:function" of each adapter (imported only when used; the CLI wires its flags)
+SOURCES: dict[str, str] = {
+    "folder": "indexer.sources.folder:from_folder",
+    "r2gen": "indexer.sources.r2gen:from_r2gen",
+    "dicom": "indexer.sources.dicom_folder:from_dicom_folder",
+    "dicomweb": "indexer.sources.dicomweb:from_dicomweb",
+    "labels-csv": "indexer.sources.labelled:from_labels_csv",
+    "notes-csv": "indexer.sources.labelled:from_notes_csv",
+}
+
+
+def source(name: str) -> Callable[..., SourceResult]:
+    """The adapter registered as ``name``."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    module, func = SOURCES[name].split(":")
+    fn: Callable[..., SourceResult] = getattr(importlib.import_module(module), func)
+    return fn

@@ -16,10 +16,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from indexer.dicom import DicomDecodeError, as_int, read_header
-from indexer.manifest import Study, relative_to_manifest
+from indexer.manifest import relative_to_manifest
 from indexer.phi import PhiPolicy, burned_in, deidentify
 from indexer.sources import SourceResult
+from retrieval.imaging.dicom import DicomDecodeError, as_int, read_header
+from retrieval.records import Study
 
 log = logging.getLogger(__name__)
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from indexer.manifest import Study, relative_to_manifest
+from indexer.manifest import relative_to_manifest
 from indexer.sources import SourceResult
+from retrieval.records import Study
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 

@@ -1,6 +1,6 @@
 """Encoder protocols: what the indexer and search may rely on, whatever the model family.
 
-Images arrive as float32 (H, W) grayscale arrays in [0, 1] (see ``indexer.images``); every
+Images arrive as float32 (H, W) grayscale arrays in [0, 1] (see ``retrieval.imaging.images``); every
 encoder returns float32 rows that are L2-normalised, so inner product is cosine similarity in
 every index backend.
 """

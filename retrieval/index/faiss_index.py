@@ -1,7 +1,8 @@
 """FAISS backend: one FAISS index per space inside a versioned directory.
 
 Files of a version: ``meta.json``; ``payloads.jsonl`` (one JSON object per point, in id order);
-per space ``<i>.faiss`` (an ``IndexIDMap2`` over Flat/HNSW/IVF, inner product) and ``<i>.npy``
+per space ``<i>.faiss`` (built by ``faiss.index_factory``: ``IDMap2,Flat``, ``IDMap2,HNSW32,Flat`` or
+``IDMap2,IVF<nlist>,Flat``, inner product; see :func:`factory_string`) and ``<i>.npy``
 (the raw float32 rows, memory-mapped, for exact search inside small filtered subsets).
 
 Filtered search: the filter is evaluated on the payloads to an id set. A small set (at most
@@ -23,7 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter
+from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter, SearchRequest
 from retrieval.index.versions import current_version, new_staging, publish
 
 EXACT_SUBSET = 4096
@@ -32,6 +33,7 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 IVF_NPROBE_FRACTION = 1 / 64  # of the lists probed per unfiltered query (at least IVF_NPROBE_MIN)
 IVF_NPROBE_MIN = 16
+IVF_MIN_POINTS = 1024  # fewer points: IVF falls back to Flat
 FILTER_CACHE = 64  # evaluated filters kept as point masks
 
 
@@ -41,20 +43,35 @@ def _faiss():
     return faiss
 
 
+def factory_string(kind: str, n: int) -> str:
+    """The ``faiss.index_factory`` description of a space's index for ``n`` points.
+
+    Always wrapped in ``IDMap2`` (point ids are medrag's, and ``reconstruct`` by id works); IVF on
+    fewer than ``IVF_MIN_POINTS`` points falls back to Flat (too few points to train the lists).
+    """
+    if kind == "flat" or (kind == "ivf" and n < IVF_MIN_POINTS):
+        return "IDMap2,Flat"
+    if kind == "hnsw":
+        return f"IDMap2,HNSW{HNSW_M},Flat"
+    if kind == "ivf":
+        return f"IDMap2,IVF{ivf_nlist(n)},Flat"
+    raise IndexError_(f"unknown FAISS index kind {kind!r} (flat, hnsw, ivf)")
+
+
+def ivf_nlist(n: int) -> int:
+    """Inverted lists for ``n`` points: about 4 sqrt(n), within [16, 65536]."""
+    return int(max(16, min(65536, 4 * np.sqrt(n))))
+
+
 def _make_index(kind: str, dim: int, n: int):
+    """An empty index (inner product) from :func:`factory_string`, with the build-time knobs set."""
     faiss = _faiss()
-    if kind == "flat" or (kind == "ivf" and n < 1024):
-        base = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory_string(kind, n), faiss.METRIC_INNER_PRODUCT)
+    base = faiss.downcast_index(index.index)
+    if isinstance(base, faiss.IndexHNSW):
         base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         base.hnsw.efSearch = HNSW_EF_SEARCH
-    elif kind == "ivf":
-        nlist = int(max(16, min(65536, 4 * np.sqrt(n))))
-        base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise IndexError_(f"unknown FAISS index kind {kind!r} (flat, hnsw, ivf)")
-    return faiss.IndexIDMap2(base)
+    return index
 
 
 class FaissWriter:
@@ -217,6 +234,20 @@ class FaissIndex:
             params = faiss.SearchParameters(sel=sel)
         scores, ids = index.search(q, min(k, len(allowed)), params=params)
         return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def search_batch(self, requests: Sequence[SearchRequest]) -> list[list[Hit]]:
+        """Requests sharing space, ``k`` and filter go to FAISS as one matrix; answers in order."""
+        groups: dict[tuple[str, int, bytes], list[int]] = {}
+        for i, req in enumerate(requests):
+            self._check(req.space, req.row())
+            flt_key = b"" if req.flt is None or req.flt.is_empty() else msgspec.json.encode(req.flt)
+            groups.setdefault((req.space, req.k, flt_key), []).append(i)
+        out: list[list[Hit]] = [[] for _ in requests]
+        for (space, k, _), members in groups.items():
+            q = np.concatenate([requests[i].row() for i in members])
+            for i, hits in zip(members, self.search(space, q, k, requests[members[0]].flt), strict=True):
+                out[i] = hits
+        return out
 
     def _mask(self, flt: SearchFilter) -> np.ndarray:
         """Points passing ``flt``: the cacheable part evaluated once per distinct filter, then

@@ -10,7 +10,9 @@
 
 Spaces are named vectors with ``Dot`` distance (vectors are unit-length, so this is cosine and
 ranks exactly like FAISS's inner product). Filters translate from :class:`SearchFilter` into
-Qdrant's must / must_not conditions over indexed payload fields.
+Qdrant's must / must_not conditions over indexed payload fields. Several query rows, or a
+``search_batch``, go to the engine as one batch (``EdgeShard.query_batch``,
+``QdrantClient.query_batch_points``): one planned pass, one round trip to a server.
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter, date_to_day
+from retrieval.index.base import (
+    Hit,
+    IndexError_,
+    IndexMeta,
+    SearchFilter,
+    SearchRequest,
+    date_to_day,
+)
 from retrieval.index.versions import current_version, new_staging, publish
 
 KEYWORD_FIELDS = ("study_id", "patient_id", "modality", "findings", "findings_any",
                   "anatomy_findings", "anatomy_findings_any")
 HNSW_EF = 128
+QUERY_BATCH = 256  # requests per batch call (bounds one call's size; a batch is one engine pass)
 
 
 def translate_filter(flt: SearchFilter | None, m: ModuleType, range_cls: str) -> Any:
@@ -130,6 +140,9 @@ class EdgeWriter:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
+_Item = tuple[str, np.ndarray, int, SearchFilter | None]  # space, one vector, k, filter
+
+
 class _QdrantReader:
     """Search logic shared by the embedded and server readers."""
 
@@ -147,6 +160,40 @@ class _QdrantReader:
     def __len__(self) -> int:
         return self.meta.count
 
+    def search(self, space: str, queries: np.ndarray, k: int,
+               flt: SearchFilter | None = None) -> list[list[Hit]]:
+        """All rows in one batch call (per ``QUERY_BATCH``), not one call per row."""
+        q = self._check(space, queries)
+        return self._batched([(space, row, k, flt) for row in q])
+
+    def search_batch(self, requests: Sequence[SearchRequest]) -> list[list[Hit]]:
+        return self._batched([(r.space, self._check(r.space, r.row())[0], r.k, r.flt) for r in requests])
+
+    def _batched(self, items: list[_Item]) -> list[list[Hit]]:
+        out: list[list[Hit]] = []
+        for i in range(0, len(items), QUERY_BATCH):
+            out.extend(self._query_batch(items[i:i + QUERY_BATCH]))
+        return out
+
+    def _query_batch(self, items: list[_Item]) -> list[list[Hit]]:
+        """One engine call answering ``items`` in order (backend-specific)."""
+        raise NotImplementedError
+
+
+def _translated(items: list[_Item], m: ModuleType, range_cls: str) -> list[Any]:
+    """Each item's Qdrant filter, translated once per distinct filter object."""
+    cache: dict[int, Any] = {}
+    out = []
+    for _, _, _, flt in items:
+        if id(flt) not in cache:
+            cache[id(flt)] = translate_filter(flt, m, range_cls)
+        out.append(cache[id(flt)])
+    return out
+
+
+def _hits(points: Any) -> list[Hit]:
+    return [Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in points]
+
 
 class EdgeIndex(_QdrantReader):
     def __init__(self, root: Path, uri: str) -> None:
@@ -157,18 +204,15 @@ class EdgeIndex(_QdrantReader):
         self.meta = msgspec.structs.replace(msgspec.convert(raw["meta"], IndexMeta), version=self.path.name)
         self.shard = e.EdgeShard.load(str(self.path / "shard"))
 
-    def search(self, space: str, queries: np.ndarray, k: int,
-               flt: SearchFilter | None = None) -> list[list[Hit]]:
+    def _query_batch(self, items: list[_Item]) -> list[list[Hit]]:
+        if not items:
+            return []
         e = _edge()
-        q = self._check(space, queries)
-        f = translate_filter(flt, e, "RangeFloat")
-        params = e.SearchParams(exact=self.meta.index_kind == "flat", hnsw_ef=max(HNSW_EF, 2 * k))
-        out = []
-        for row in q:
-            req = e.QueryRequest(limit=k, query=e.Query.Nearest(row.tolist(), using=space),
-                                 filter=f, with_payload=True, params=params)
-            out.append([Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in self.shard.query(req)])
-        return out
+        exact = self.meta.index_kind == "flat"
+        reqs = [e.QueryRequest(limit=k, query=e.Query.Nearest(vec.tolist(), using=space), filter=f,
+                               with_payload=True, params=e.SearchParams(exact=exact, hnsw_ef=max(HNSW_EF, 2 * k)))
+                for (space, vec, k, _), f in zip(items, _translated(items, e, "RangeFloat"), strict=True)]
+        return [_hits(points) for points in self.shard.query_batch(e.QueryBatchRequest(reqs))]
 
     def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         recs = {int(r.id): dict(r.payload or {}) for r in self.shard.retrieve([int(i) for i in ids], True, False)}
@@ -281,20 +325,16 @@ class ServerIndex(_QdrantReader):
             raise IndexError_(f"{uri}: collection {collection!r} was not built by medrag (no metadata)")
         self.meta = msgspec.convert(raw, IndexMeta)
 
-    def search(self, space: str, queries: np.ndarray, k: int,
-               flt: SearchFilter | None = None) -> list[list[Hit]]:
+    def _query_batch(self, items: list[_Item]) -> list[list[Hit]]:
         from qdrant_client import models as qm
 
-        q = self._check(space, queries)
-        f = translate_filter(flt, qm, "Range")
-        params = None if self._local else qm.SearchParams(exact=self.meta.index_kind == "flat",
-                                                          hnsw_ef=max(HNSW_EF, 2 * k))
-        out = []
-        for row in q:
-            res = self.client.query_points(self.collection, query=row.tolist(), using=space, limit=k,
-                                           query_filter=f, with_payload=True, search_params=params)
-            out.append([Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in res.points])
-        return out
+        if not items:
+            return []
+        exact = self.meta.index_kind == "flat"
+        reqs = [qm.QueryRequest(query=vec.tolist(), using=space, limit=k, filter=f, with_payload=True,
+                                params=None if self._local else qm.SearchParams(exact=exact, hnsw_ef=max(HNSW_EF, 2 * k)))
+                for (space, vec, k, _), f in zip(items, _translated(items, qm, "Range"), strict=True)]
+        return [_hits(res.points) for res in self.client.query_batch_points(self.collection, requests=reqs)]
 
     def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         recs = {int(r.id): dict(r.payload or {}) for r in

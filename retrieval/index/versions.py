@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from retrieval.index.base import IndexError_
+from retrieval.storage import atomic_write_text, fsync_dir
 
 CURRENT = "CURRENT"
 
@@ -44,25 +45,9 @@ def publish(root: Path, staging: Path, keep: int = 2) -> str:
     (root / "versions").mkdir(parents=True, exist_ok=True)
     name = next_version_name(root)
     os.replace(staging, root / "versions" / name)
-    _fsync_dir(root / "versions")
-    tmp = root / f".{CURRENT}.{os.getpid()}"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root / "versions")
+    atomic_write_text(root / CURRENT, name + "\n")
     versions = sorted(p for p in (root / "versions").glob("v*") if p.name != name)
     for old in versions[: max(0, len(versions) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return name
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

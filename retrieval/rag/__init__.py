@@ -1,24 +1,58 @@
-"""Report drafting with retrieved context: context builder, generators, citations."""
+"""Report drafting with retrieved context: context builder, generators, citations.
 
+Generators are a registry (``GENERATORS``): adding one is one entry naming a factory that takes
+the keyword options of :func:`create_generator` and returns a :class:`Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from retrieval.rag.consistency import ConsistencyChecker, Contradiction
 from retrieval.rag.context import ContextBuilder
-from retrieval.rag.extractive import ExtractiveGenerator, copy_nearest
-from retrieval.rag.types import DISCLAIMER, Draft, DraftContext, DraftSentence
+from retrieval.rag.extractive import EditNearestGenerator, ExtractiveGenerator, copy_nearest
+from retrieval.rag.types import (
+    DISCLAIMER,
+    Draft,
+    DraftContext,
+    DraftImages,
+    DraftSentence,
+    Generator,
+)
 
-__all__ = ["DISCLAIMER", "ContextBuilder", "Draft", "DraftContext", "DraftSentence", "ExtractiveGenerator",
-           "copy_nearest", "create_generator"]
+__all__ = ["DISCLAIMER", "GENERATORS", "ConsistencyChecker", "ContextBuilder", "Contradiction", "Draft", "DraftContext",
+           "DraftImages", "DraftSentence", "EditNearestGenerator", "ExtractiveGenerator", "Generator", "copy_nearest",
+           "create_generator"]
 
 
-def create_generator(kind: str, **kw):
-    """``extractive`` | ``vlm`` (model_dir=...) | ``http`` (base_url=..., model=...)."""
-    if kind == "extractive":
-        return ExtractiveGenerator()
-    if kind == "vlm":
-        from retrieval.rag.vlm import TransformersVLMGenerator
+def _extractive(**_: Any) -> Generator:
+    return ExtractiveGenerator()
 
-        return TransformersVLMGenerator(kw["model_dir"], device=kw.get("device", "cpu"))
-    if kind == "http":
-        from retrieval.rag.http import OpenAICompatibleGenerator
 
-        return OpenAICompatibleGenerator(kw["base_url"], kw["model"], api_key=kw.get("api_key"),
-                                         timeout=kw.get("timeout", 120.0))
-    raise ValueError(f"unknown generator {kind!r} (extractive, vlm, http)")
+def _edit(base: str = "consensus", **_: Any) -> Generator:
+    return EditNearestGenerator(base=base)
+
+
+def _vlm(model_dir: str, device: str = "cpu", **_: Any) -> Generator:
+    from retrieval.rag.vlm import TransformersVLMGenerator
+
+    return TransformersVLMGenerator(model_dir, device=device)
+
+
+def _http(base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0, **_: Any) -> Generator:
+    from retrieval.rag.http import OpenAICompatibleGenerator
+
+    return OpenAICompatibleGenerator(base_url, model, api_key=api_key, timeout=timeout)
+
+
+# name -> factory; heavy generators import their dependencies only when created
+GENERATORS: dict[str, Callable[..., Generator]] = {"extractive": _extractive, "edit": _edit, "vlm": _vlm,
+                                                 "http": _http}
+
+
+def create_generator(kind: str, **kw: Any) -> Generator:
+    """``extractive`` | ``edit`` (retrieve-and-edit) | ``vlm`` (model_dir=...) | ``http`` (base_url=..., model=...)."""
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown generator {kind!r} ({', '.join(GENERATORS)})")
+    return GENERATORS[kind](**{k: v for k, v in kw.items() if v is not None})

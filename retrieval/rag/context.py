@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from retrieval.entities import EntityExtractor, report_labels
+from retrieval.entities import EntityExtractor, coarse_labels
 from retrieval.rag.types import ContextCase, ContextSentence, DraftContext, PriorStudy
-from retrieval.similarity import coarse_anatomy
+from retrieval.records import Label, LabelKey, Status
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 _NOISE = re.compile(r"\bxxxx\b", re.IGNORECASE)
@@ -23,21 +23,15 @@ def approx_tokens(text: str) -> int:
     return int(len(text.split()) * 1.3) + 1
 
 
-def labels_of(report: str | None, ex: EntityExtractor, tax: Taxonomy) -> dict[str, str]:
-    rank = {"absent": 0, "uncertain": 1, "present": 2}
-    out: dict[str, str] = {}
-    for (anat, finding), status in report_labels(ex.extract(report)).items():
-        key = f"{coarse_anatomy(anat, tax)}|{finding}"
-        if key not in out or rank[status] > rank[out[key]]:
-            out[key] = status
-    return out
+def labels_of(report: str | None, ex: EntityExtractor, tax: Taxonomy) -> dict[LabelKey, Status]:
+    """A report's labels collapsed at the coarse anatomy level (what drafting compares)."""
+    return coarse_labels(ex.extract(report), tax)
 
 
-def agreeing_cases(cases: Sequence[ContextCase], labels: Sequence[str]) -> list[str]:
-    """Ids of the cases whose reports state every ``anatomy|finding|status`` label the same way:
-    the cases a sentence with those labels can cite."""
-    return [c.study_id for c in cases
-            if all(c.labels.get(lab.rsplit("|", 1)[0]) == lab.rsplit("|", 1)[1] for lab in labels)]
+def agreeing_cases(cases: Sequence[ContextCase], labels: Sequence[Label]) -> list[str]:
+    """Ids of the cases whose reports state every label the same way: the cases a sentence with
+    those labels can cite."""
+    return [c.study_id for c in cases if all(c.labels.get(lab.key) == lab.status for lab in labels)]
 
 
 class ContextBuilder:
@@ -49,7 +43,7 @@ class ContextBuilder:
     def sentences(self, study_id: str, report: str) -> tuple[ContextSentence, ...]:
         out = []
         for sent, ents in self.ex.sentence_entities(report):
-            labels = sorted({f"{coarse_anatomy(e.anatomy, self.tax)}|{e.finding}|{e.status}" for e in ents})
+            labels = sorted({Label(self.tax.coarse(e.anatomy), e.finding, e.status) for e in ents})
             out.append(ContextSentence(sent.text.rstrip(".") + ".", study_id, tuple(labels)))
         return tuple(out)
 

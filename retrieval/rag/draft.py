@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.rag.context import ContextBuilder
-from retrieval.rag.types import Draft
-from retrieval.rag.vlm import DraftImages
+from retrieval.rag.types import Draft, DraftImages
 from retrieval.search import Query, Searcher
 
 
@@ -39,7 +38,7 @@ def draft_report(searcher: Searcher, images: Sequence[np.ndarray], generator, q:
 
 
 def _reference_images(searcher: Searcher, hits, limit: int) -> list[tuple[str, np.ndarray]]:
-    from indexer.images import ImageLoadError, load_image
+    from retrieval.imaging.images import ImageLoadError, load_image
 
     root = searcher.index.meta.image_root
     out: list[tuple[str, np.ndarray]] = []

@@ -16,8 +16,7 @@ import numpy as np
 
 from retrieval.encoders.preprocess import to_uint8_rgb
 from retrieval.rag.prompting import SYSTEM, build_prompt, parse_generated
-from retrieval.rag.types import Draft, DraftContext
-from retrieval.rag.vlm import DraftImages
+from retrieval.rag.types import Draft, DraftContext, DraftImages
 
 
 class GeneratorError(RuntimeError):

@@ -9,7 +9,6 @@ Greedy decoding, so the same inputs give the same draft.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,7 @@ from retrieval.encoders.base import EncoderError
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import to_uint8_rgb
 from retrieval.rag.prompting import SYSTEM, build_prompt, parse_generated
-from retrieval.rag.types import Draft, DraftContext
-
-
-@dataclass
-class DraftImages:
-    current: list[np.ndarray] = field(default_factory=list)
-    prior: list[np.ndarray] = field(default_factory=list)
-    references: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (study id, image)
+from retrieval.rag.types import Draft, DraftContext, DraftImages
 
 
 class TransformersVLMGenerator:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.dicom import DicomDecodeError, decode_dicom, is_dicom
+from retrieval.imaging.dicom import DicomDecodeError, decode_dicom, is_dicom
 
 MAX_SIDE = 16384  # refuse decompression bombs before decoding
 MIN_SIDE = 8
@@ -63,6 +63,17 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     if min(h, w) < MIN_SIDE:
         raise ImageLoadError(f"{label}: image too small ({w}x{h})")
     return arr
+
+
+def pixel_key(image: np.ndarray) -> str:
+    """Content key of decoded pixels: the same image gives the same key whatever its file name,
+    study id or container (PNG copy, re-exported DICOM), so a query never finds itself."""
+    import hashlib
+
+    q = (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    h = hashlib.sha256(f"{q.shape[0]}x{q.shape[1]}|".encode())
+    h.update(q.tobytes())
+    return h.hexdigest()[:24]
 
 
 def _load_raster(data: bytes, label: str) -> np.ndarray:
