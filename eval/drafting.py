@@ -21,8 +21,8 @@ Scores per method, each draft against its held-out report:
 
 Methods: ``copy-nearest`` (the top report verbatim), ``extractive`` (sentence voting without the
 checker: the drafter as it was), ``extractive+check``, ``edit-nearest`` and ``edit-consensus``
-(retrieve-and-edit from the top report or from the consensus report), ``copy-consensus`` (the
-consensus report verbatim).
+(retrieve-and-edit from the top report or from the consensus report; ``+neg`` also adds the
+consensus's negative statements), ``copy-consensus`` (the consensus report verbatim).
 """
 
 from __future__ import annotations
@@ -121,11 +121,13 @@ def methods() -> dict[str, Callable[[DraftContext], Draft]]:
     extractive = ExtractiveGenerator(check=False)
     checked = ExtractiveGenerator(check=True)
     edit_nearest = EditNearestGenerator(base="nearest")
+    edit_negatives = EditNearestGenerator(base="nearest", add_negatives=True)
     edit_consensus = EditNearestGenerator(base="consensus")
     copy_consensus = EditNearestGenerator(base="consensus", keep_at=0.0, add=False, check=False)
     copy_consensus.decide = lambda ctx: {}  # type: ignore[method-assign]  # keep every sentence
     return {"copy-nearest": copy_nearest, "extractive": extractive.generate, "extractive+check": checked.generate,
             "copy-consensus": copy_consensus.generate, "edit-nearest": edit_nearest.generate,
+            "edit-nearest+neg": edit_negatives.generate,
             "edit-consensus": edit_consensus.generate}
 
 
@@ -153,7 +155,8 @@ def _embed(reports: list[str], device: str, cache_dir: Path | None) -> np.ndarra
     key = hashlib.sha256("\x00".join(reports).encode()).hexdigest()[:20]
     path = cache_dir / f"minilm-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
-        return np.load(path)
+        cached: np.ndarray = np.load(path)
+        return cached
     emb = np.asarray(text_oracle(reports, device)(None), np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ def _embed(reports: list[str], device: str, cache_dir: Path | None) -> np.ndarra
 
 def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int | None = None,
         seed: int = 0, device: str = "cpu", corpus: str | Path | None = None, duplicates: str = "both",
-        only: tuple[str, ...] | None = None) -> dict:
+        only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Score every drafting method; ``duplicates``: ``keep`` | ``exclude`` | ``both``."""
     if duplicates not in ("keep", "exclude", "both"):
         raise ValueError(f"duplicates must be keep, exclude or both, not {duplicates!r}")
@@ -294,7 +297,7 @@ class _Scores:
         return out
 
 
-def format_table(result: dict) -> str:
+def format_table(result: dict[str, Any]) -> str:
     c = result["counts"]
     lines = [f"{c['queries']} queries, corpus {c['corpus']} studies ({c['corpus_distinct_texts']} distinct texts; "
              f"{c['corpus_studies_sharing_text']} share their text with another); queries with an exact-text twin "

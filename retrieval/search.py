@@ -243,7 +243,8 @@ def _replace(q: Query, **kw: Any) -> Query:
 def _builtins(flt: SearchFilter) -> dict[str, Any]:
     import msgspec
 
-    return msgspec.to_builtins(flt)
+    out: dict[str, Any] = msgspec.to_builtins(flt)
+    return out
 
 
 __all__ = ["CaseHit", "EncoderError", "Query", "SearchError", "SearchResult", "Searcher"]

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 class UnknownTermError(ValueError):
@@ -137,13 +138,13 @@ def default_taxonomy() -> Taxonomy:
     return _parse(json.loads(text))
 
 
-def _parse(raw: dict) -> Taxonomy:
+def _parse(raw: dict[str, Any]) -> Taxonomy:
     anatomies = {
         a["name"]: Anatomy(
             name=a["name"],
             parent=a.get("parent"),
             patterns=tuple(a["patterns"]),
-            box=tuple(a["box"]),  # type: ignore[arg-type]
+            box=(float(a["box"][0]), float(a["box"][1]), float(a["box"][2]), float(a["box"][3])),
             side=a.get("side"),
             left=a.get("left"),
             right=a.get("right"),

@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDRAG_SHARED", ROOT.parent / "shared"))
 IU_ANNOTATION = SHARED / "data" / "iu_xray_reports" / "annotation.json"
 
+# the shared small index (``small_index``): 16 generated chest images, even ones with a left-sided
+# opacity and effusion, plus one CT; s0 and s1 belong to one patient
+SMALL_PATIENT = "PAT-SECRET-0042"
+SMALL_DATE = "2019-03-14"
+SMALL_LEFT = "Patchy opacity in the left lower lobe. Small left pleural effusion. Heart size is normal."
+SMALL_NORMAL = "The lungs are clear. No pleural effusion. Heart size is normal."
+
 
 def pydicom_data_dir() -> Path:
     import data_store
@@ -70,3 +77,37 @@ def save_png(path: Path, arr: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8), mode="L").save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory) -> tuple[Path, str]:
+    """(root, uri) of one small FAISS index built once per session and shared by the files that
+    need an ordinary index to query (the API, the drafting CLI); read-only for its users.
+
+    s0..s15: ``img/s{i}.png`` (``synthetic_cxr(i, left_blob=i % 2 == 0)``), report SMALL_LEFT for
+    even i and SMALL_NORMAL for odd i, patient SMALL_PATIENT for s0 and s1 (``p{i}`` otherwise),
+    date SMALL_DATE, CR; ct1: pydicom's CT_small.dcm, CT. Pixel encoder, MiniLM reports,
+    conditioned on the left lung and the heart.
+    """
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from indexer.build import BuildConfig, build_index
+    from indexer.manifest import write_manifest
+    from retrieval.records import Study
+
+    root = tmp_path_factory.mktemp("small-index")
+    studies = []
+    for i in range(16):
+        left = i % 2 == 0
+        save_png(root / "img" / f"s{i}.png", synthetic_cxr(i, left_blob=left))
+        studies.append(Study(study_id=f"s{i}", images=[f"img/s{i}.png"], report=SMALL_LEFT if left else SMALL_NORMAL,
+                             patient_id=SMALL_PATIENT if i < 2 else f"p{i}", study_date=SMALL_DATE, modality="CR"))
+    shutil.copy(get_testdata_file("CT_small.dcm"), root / "img" / "ct.dcm")
+    studies.append(Study(study_id="ct1", images=["img/ct.dcm"], report="No acute abnormality.", modality="CT"))
+    write_manifest(root / "m.jsonl", studies)
+    uri = f"faiss:{root}/ix"
+    build_index(root / "m.jsonl", uri, BuildConfig(encoder="pixels", conditioning=("left lung", "heart")),
+                progress=False)
+    return root, uri

@@ -5,29 +5,21 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import stat
 from pathlib import Path
 
-import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.keys import KeyStore, add_key, digest
 from api.settings import Settings
-from indexer.build import BuildConfig, build_index
-from indexer.manifest import write_manifest
-from retrieval.records import Study
 
-from .conftest import save_png, synthetic_cxr
+from .conftest import SMALL_DATE, SMALL_LEFT, SMALL_NORMAL, SMALL_PATIENT, synthetic_cxr
 
 pytestmark = pytest.mark.anyio
 
-PATIENT = "PAT-SECRET-0042"
-DATE = "2019-03-14"
-LEFT = "Patchy opacity in the left lower lobe. Small left pleural effusion. Heart size is normal."
-NORMAL = "The lungs are clear. No pleural effusion. Heart size is normal."
+PATIENT, DATE, LEFT, NORMAL = SMALL_PATIENT, SMALL_DATE, SMALL_LEFT, SMALL_NORMAL  # the shared index's
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +28,8 @@ def anyio_backend():
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory):
-    from pydicom.data import get_testdata_file
-
-    root = tmp_path_factory.mktemp("api")
-    studies = []
-    for i in range(16):
-        left = i % 2 == 0
-        save_png(root / "img" / f"s{i}.png", synthetic_cxr(i, left_blob=left))
-        studies.append(Study(study_id=f"s{i}", images=[f"img/s{i}.png"], report=LEFT if left else NORMAL,
-                             patient_id=PATIENT if i < 2 else f"p{i}", study_date=DATE, modality="CR"))
-    shutil.copy(get_testdata_file("CT_small.dcm"), root / "img" / "ct.dcm")
-    studies.append(Study(study_id="ct1", images=["img/ct.dcm"], report="No acute abnormality.", modality="CT"))
-    write_manifest(root / "m.jsonl", studies)
-    uri = f"faiss:{root}/ix"
-    build_index(root / "m.jsonl", uri, BuildConfig(encoder="pixels", conditioning=("left lung", "heart")),
-                progress=False)
-    return root, uri
+def index_dir(small_index):
+    return small_index  # conftest.py: built once per session, shared with other files
 
 
 @pytest.fixture(scope="module")
@@ -264,4 +241,16 @@ def test_app_refuses_to_start_without_keys(index_dir, tmp_path):
         create_app(Settings(index=index_dir[1]))
     with pytest.raises(ValueError, match="does not exist"):
         create_app(Settings(index=index_dir[1], api_keys_file=str(tmp_path / "none.json")))
-    assert msgspec.json.decode(msgspec.json.encode(Settings(index="x")))["index"] == "x"
+
+
+async def test_anonymous_service_serves_data_routes_without_a_key(index_dir):
+    """``--allow-anonymous`` (local development): no key file, and data routes answer without a key."""
+    root, uri = index_dir
+    async with AsyncTestClient(app=create_app(Settings(index=uri, allow_anonymous=True))) as c:
+        tax = await c.get("/api/taxonomy")
+        assert tax.status_code == 200 and tax.json()["conditioned"] == ["left lung", "heart"]
+        case = await c.get("/api/cases/s0", headers={"Authorization": "Bearer mrk_wrong"})  # a key is not checked
+        assert case.status_code == 200 and case.json()["report"] == LEFT
+        r = await c.post("/api/search/image", data={"k": "3"},
+                         files={"image": ("q.png", (root / "img" / "s4.png").read_bytes(), "image/png")})
+        assert r.status_code == 200 and len(r.json()["hits"]) == 3

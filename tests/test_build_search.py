@@ -57,7 +57,7 @@ def test_folder_source_reports_what_it_skips(dataset):
     assert studies[0].images == ["images/st00_frontal.png"] and studies[4].report is None
 
 
-@pytest.fixture(scope="module", params=["faiss", "qdrant+local"])
+@pytest.fixture(scope="module", params=["faiss", pytest.param("qdrant+local", marks=pytest.mark.slow)])
 def built(request, dataset, tmp_path_factory):
     root, _ = dataset
     uri = f"{request.param}:{tmp_path_factory.mktemp('ix')}/index"
@@ -158,6 +158,7 @@ def test_cli_build_and_search(dataset, tmp_path, capsys):
     assert "no published index" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_native_encoder_build_is_consistent_between_backends(dataset, tmp_path):
     root, _ = dataset
     from retrieval.encoders import create_encoder

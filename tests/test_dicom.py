@@ -50,7 +50,8 @@ def test_rescale_and_window_applied(tmp_path):
     # HU = raw - 1000; window centre 40 width 400 -> [-160, 240]: -1000 black, 0 mid, >=1000 white
     img = decode_dicom(make_dicom(tmp_path / "ct.dcm", arr, intercept=-1000, window=(40, 400))).pixels
     assert img[0, 0] == pytest.approx(0.0, abs=1e-3)
-    assert 0.3 < img[0, 1] < 0.5
+    # HU 0 through the linear VOI function of PS3.3 C.11.2.1.2: (x - (c - 0.5)) / (w - 1) + 0.5
+    assert img[0, 1] == pytest.approx((0 - (40 - 0.5)) / (400 - 1) + 0.5, abs=1e-4)  # 0.401
     assert img[0, 2] == pytest.approx(1.0, abs=1e-3) and img[0, 3] == pytest.approx(1.0, abs=1e-3)
 
 

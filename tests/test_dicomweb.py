@@ -25,6 +25,8 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGINS = "/usr/share/orthanc/plugins"
 FILES = ["RG1_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "CT_small.dcm"]
 
+pytestmark = pytest.mark.integration  # a real Orthanc process
+
 
 def _port() -> int:
     with socket.socket() as s:

@@ -16,8 +16,9 @@ from retrieval.index.base import SearchRequest
 
 N, D, K = 600, 24, 10
 _counter = itertools.count()
-BACKENDS = [("faiss", "flat"), ("faiss", "hnsw"), ("faiss", "ivf"), ("qdrant-edge", "flat"),
-            ("qdrant-edge", "hnsw"), ("qdrant-server", "flat")]
+_SLOW = pytest.mark.slow  # the quick loop (make test-fast) keeps one exact index per engine
+BACKENDS = [("faiss", "flat"), pytest.param("faiss", "hnsw", marks=_SLOW), ("faiss", "ivf"), ("qdrant-edge", "flat"),
+            pytest.param("qdrant-edge", "hnsw", marks=_SLOW), ("qdrant-server", "flat")]
 
 
 def _uri(backend: str, tmp_path) -> str:
@@ -106,7 +107,7 @@ def test_backends_agree_with_exact_scan(backend, kind, tmp_path):
     ix.close()
 
 
-@pytest.mark.parametrize("backend", ["faiss", "qdrant-edge", "qdrant-server"])
+@pytest.mark.parametrize("backend", ["faiss", pytest.param("qdrant-edge", marks=_SLOW), "qdrant-server"])
 def test_publish_is_atomic_and_abort_keeps_the_old_version(backend, tmp_path):
     x, r, payloads = _data()
     uri = _uri(backend, tmp_path)

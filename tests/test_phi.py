@@ -55,9 +55,14 @@ def test_deidentify_is_an_allow_list():
     safe = deidentify(header, policy)
     assert set(safe) <= {"PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate", "Modality", "ViewPosition"}
     assert safe["PatientID"] == policy.pseudonym("MRN-778899", "patient") != "MRN-778899"
-    shift = policy.date_shift("MRN-778899")
-    assert safe["StudyDate"] == (dt.date(2019, 3, 14) + dt.timedelta(days=shift)).isoformat()
-    assert -365 <= shift <= 365 and PhiPolicy(b"other").pseudonym("MRN-778899", "patient") != safe["PatientID"]
+    # expected values of the keyed scheme (HMAC-SHA256, key b"k"), pinned: a changed scheme would
+    # silently re-key every existing manifest
+    assert safe["PatientID"] == "37a87b88d513fd07a62c"
+    assert policy.date_shift("MRN-778899") == -72 and safe["StudyDate"] == "2019-01-01"  # 2019-03-14 - 72 days
+    assert PhiPolicy(b"other").pseudonym("MRN-778899", "patient") != safe["PatientID"]
+    # the shift spans the documented +-365 days over many patients, and is not constant
+    shifts = {policy.date_shift(f"p{i}") for i in range(2000)}
+    assert min(shifts) >= -365 and max(shifts) <= 365 and min(shifts) < -300 and max(shifts) > 300
     assert {"PatientName", "PatientBirthDate", "InstitutionName", "AccessionNumber"} <= BASIC_PROFILE
     assert policy.shift_date("2019-02-30", "p") is None and policy.shift_date("20190230", "p") is None
 

@@ -304,14 +304,35 @@ def test_eval_draft_leave_one_out(tmp_path, capsys):
     write_manifest(tmp_path / "m.jsonl", [Study(study_id=f"r{i}", images=[], report=r) for i, r in enumerate(reps)])
     assert main(["eval", "draft", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "-k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "extractive" in out and "copy-nearest" in out
+    assert "extractive" in out and "copy-nearest" in out and "edit-nearest" in out
     r = json.loads((tmp_path / "o" / "draft.json").read_text())
-    assert r["queries"] == 6
-    for m in ("extractive", "copy-nearest"):
-        assert 0.0 <= r["methods"][m]["entity"]["f1"] <= 1.0
-        assert r["methods"][m]["cited_sentence_share"] == 1.0
-    assert r["methods"]["extractive"]["entity"]["f1"] > 0.3
-    assert np.isfinite(r["methods"]["copy-nearest"]["bleu4"])
+    assert r["counts"]["queries"] == 6 and set(r["settings"]) == {"all", "no-duplicates"}
+    methods = r["settings"]["all"]["methods"]
+    for m in ("extractive", "copy-nearest", "edit-nearest"):
+        assert 0.0 <= methods[m]["entity"]["f1"] <= 1.0
+        assert methods[m]["cited_sentence_share"] == 1.0
+    assert methods["extractive"]["entity"]["f1"] > 0.3
+    assert np.isfinite(methods["copy-nearest"]["bleu4"]) and methods["edit-nearest"]["contradictions_per_100"] == 0
+
+
+def test_eval_draft_separate_corpus_and_duplicate_exclusion(tmp_path):
+    from eval.drafting import run
+    from indexer.manifest import write_manifest
+    from retrieval.records import Study
+
+    train = [EFFUSION, EFFUSION2, NORMAL, CARDIO, "Cardiomegaly. No consolidation or effusion."]
+    write_manifest(tmp_path / "train.jsonl", [Study(study_id=f"t{i}", images=[], report=r, patient_id=f"p{i}")
+                                              for i, r in enumerate(train)])
+    write_manifest(tmp_path / "val.jsonl", [Study(study_id="v0", images=[], report=NORMAL, patient_id="p9"),
+                                            Study(study_id="v1", images=[], report=CARDIO, patient_id="p3")])
+    r = run(tmp_path / "val.jsonl", tmp_path / "o", k=2, corpus=tmp_path / "train.jsonl",
+            only=("copy-nearest", "edit-nearest"))
+    c = r["counts"]
+    assert c["queries_with_exact_twin"] == 1 and c["queries_with_same_patient_in_corpus"] == 1
+    # v1's twin is also its own patient's study: excluded as the same patient, never counted as a twin
+    assert c["exact_twins_removed"] == 1
+    keep, drop = r["settings"]["all"]["methods"], r["settings"]["no-duplicates"]["methods"]
+    assert keep["copy-nearest"]["bleu4"] >= drop["copy-nearest"]["bleu4"]
 
 
 def test_extractive_no_contradiction_across_anatomy_levels():

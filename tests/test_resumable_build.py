@@ -59,6 +59,8 @@ def _cmd(manifest, uri, *extra):
             "--no-progress", "--segment-size", "8", "--batch-size", "8", *extra]
 
 
+@pytest.mark.integration  # SIGKILLs real build processes
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_converges(synth, tmp_path):
     ref_uri = f"faiss:{tmp_path}/ref"
     build_index(synth, ref_uri, CFG, progress=False, segment_size=8)
@@ -120,6 +122,7 @@ def test_sigkill_at_random_points_then_resume_converges(synth, tmp_path):
     assert kills >= 1
 
 
+@pytest.mark.slow
 def test_rerun_reuses_segments_and_incremental_add_delete(synth, tmp_path):
     uri = f"faiss:{tmp_path}/ix"
     studies = list(read_manifest(synth))

@@ -56,15 +56,20 @@ def test_dicom_folder_groups_by_study_and_pseudonymises(tmp_path, monkeypatch):
     ct_study = next(s for s in res.studies if s.modality == "CT")
     assert sorted(ct_study.images) == ["ct/2.dcm", "ct/5.dcm", "ct/6.dcm"]  # middle slice + scouts
     ds = pydicom.dcmread(src / "RG1_UNCR.dcm", stop_before_pixels=True)
+    assert (ds.PatientID, ds.StudyDate) == ("9RG1", "20040826")
     cr = next(s for s in res.studies if s.modality == "CR")
     assert cr.study_id == pseudonym(ds.StudyInstanceUID, "study") and ds.StudyInstanceUID not in cr.study_id
-    from indexer.phi import PhiPolicy
+    # expected values worked out by hand from the documented scheme (HMAC-SHA256 with the site key):
+    # pseudonym = hex digest of "patient:9RG1", first 20 characters; the date moves by
+    # int(first 4 bytes of the digest of "date-shift:9RG1") mod 731 - 365 = +338 days
+    import hashlib
+    import hmac
 
-    shift = PhiPolicy(b"test-key").date_shift(str(ds.PatientID))
-    import datetime as dt
-
-    assert cr.patient_id != ds.PatientID and cr.study_date == (dt.date(2004, 8, 26) + dt.timedelta(days=shift)).isoformat()
-    assert cr.study_date != "2004-08-26" or shift == 0
+    assert cr.patient_id == hmac.new(b"test-key", b"patient:9RG1", hashlib.sha256).hexdigest()[:20]
+    assert cr.patient_id == "0c1568dc66235a75ea48"  # pinned: a changed scheme breaks existing manifests
+    digest = hmac.new(b"test-key", b"date-shift:9RG1", hashlib.sha256).digest()
+    assert int.from_bytes(digest[:4], "big") % 731 - 365 == 338
+    assert cr.study_date == "2005-07-30"  # 2004-08-26 + 338 days
 
 
 def test_manifest_roundtrip_and_clear_errors(tmp_path):

@@ -19,6 +19,8 @@ from indexer.build import BuildConfig, build_index
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
+pytestmark = pytest.mark.integration  # a real ``medrag serve`` process, and Chromium for the page
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from typing import Any
 
 import msgspec
 
@@ -73,8 +74,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
     return 0
 
 
-def _heatmaps(out_dir: str, searcher: object, index: object, images: list[object], anatomy: str,
-              hits: list[object]) -> list[str]:
+def _heatmaps(out_dir: str, searcher: Any, index: Any, images: list[Any], anatomy: str,
+              hits: list[Any]) -> list[str]:
     """query_<i>.png and hit_<rank>_<study>.png: the anatomy query's attention over each image."""
     from pathlib import Path
 
@@ -82,7 +83,7 @@ def _heatmaps(out_dir: str, searcher: object, index: object, images: list[object
     from retrieval.imaging.overlay import overlay_png
     from retrieval.imaging.paths import resolve_image
 
-    enc = getattr(searcher, "image_encoder", None)
+    enc: Any = getattr(searcher, "image_encoder", None)
     if not hasattr(enc, "attention_maps"):
         raise ValueError("--heatmaps needs an index built with a medrag-native encoder (it has attention)")
     out = Path(out_dir)

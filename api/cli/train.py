@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--tower", help="image tower: small-cnn, efficientnet-lite0, open_clip, hf-vit")
     t.add_argument("--tower-source", help="local checkpoint directory of an open_clip / hf-vit tower")
     t.add_argument("--tune", help="tower stages that learn: none | last:N | all")
+    t.add_argument("--half-checkpoint", action="store_true", help="store the checkpoint in float16 (half the size)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--image-size", type=int)
@@ -51,7 +52,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     cfg = PRESETS[a.preset or ("cxr-cpu" if Path(a.manifest).is_dir() else "cpu-small")]
     over = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch_size, "image_size": a.image_size,
                               "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads,
-                              "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune}.items()
+                              "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,
+                              "checkpoint_dtype": "float16" if a.half_checkpoint else None}.items()
             if v is not None}
     if a.anatomies:
         over["anatomies"] = tuple(x.strip() for x in a.anatomies.split(","))

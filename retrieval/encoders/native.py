@@ -81,7 +81,8 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             self.head = nn.Linear(cfg.token_dim, cfg.embed_dim)
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
-            return self.to_tokens(self.tower(x)) + self.pos
+            out: torch.Tensor = self.to_tokens(self.tower(x)) + self.pos
+            return out
 
         def pooled(self, x: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,7 +134,7 @@ def stored_state(model: Any, cfg: NativeConfig) -> dict[str, Any]:
 class NativeEncoder:
     name = FAMILY
 
-    def __init__(self, cfg: NativeConfig, model, device: str = "cpu", checkpoint: Path | None = None) -> None:
+    def __init__(self, cfg: NativeConfig, model: Any, device: str = "cpu", checkpoint: Path | None = None) -> None:
         self.cfg = cfg
         self.device = _torch_device(device)
         self.model = model.to(self.device).eval()
@@ -157,8 +158,8 @@ class NativeEncoder:
             raise EncoderError(f"{FAMILY}: {cfg_file} is for family {raw.get('family')!r}")
         cfg = NativeConfig.from_dict(raw["config"])
         model = build_model(cfg)
-        state = {(f"tower.{k}" if k.startswith(("stem.", "stages.")) else k): v  # pre-tower checkpoints
-                 for k, v in load_file(str(weights)).items()}
+        state = {(f"tower.{k}" if k.startswith(("stem.", "stages.")) else k):  # pre-tower checkpoints
+                 (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         expected = set(stored_state(model, cfg))
         missing = [k for k in missing if k in expected]
@@ -178,13 +179,16 @@ class NativeEncoder:
         cfg = cfg or NativeConfig()
         return cls(cfg, build_model(cfg), device)
 
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """Write the checkpoint atomically (temp dir + rename)."""
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+        """Write the checkpoint atomically (temp dir + rename); ``dtype="float16"`` halves its size
+        (weights are cast back to float32 on load; retrieval rankings do not notice)."""
         from safetensors.torch import save_file
 
         target = Path(directory)
         with atomic_dir(target) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in stored_state(self.model, self.cfg).items()}
+            half = dtype == "float16"
+            state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()).contiguous()
+                     for k, v in stored_state(self.model, self.cfg).items()}
             save_file(state, str(tmp / "model.safetensors"))
             meta = {"family": FAMILY, "config": asdict(self.cfg),
                     "tower": {"name": self.cfg.tower, "source": tower_source_record(self.cfg.tower, self.cfg.tower_source),
@@ -247,7 +251,7 @@ class NativeJointEncoder(NativeEncoder):
     image->report search work with the native encoder.
     """
 
-    def __init__(self, cfg: NativeConfig, model, device: str, checkpoint: Path, proj_state: dict) -> None:
+    def __init__(self, cfg: NativeConfig, model: Any, device: str, checkpoint: Path, proj_state: dict[str, Any]) -> None:
         import torch
 
         super().__init__(cfg, model, device, checkpoint)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -22,7 +24,7 @@ def crop_box(image: np.ndarray, box: tuple[float, float, float, float]) -> np.nd
     return image[r0:r1, c0:c1]
 
 
-def to_uint8_rgb(image: np.ndarray):  # -> PIL.Image.Image
+def to_uint8_rgb(image: np.ndarray) -> Any:  # -> PIL.Image.Image
     from PIL import Image
 
     arr = np.clip(np.asarray(image, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)

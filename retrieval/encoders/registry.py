@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval.encoders.base import EncoderError
 
@@ -57,7 +58,7 @@ def encoder_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
-def create_encoder(name: str, checkpoint: str | Path | None = None, device: str = "cpu", **kwargs: object):
+def create_encoder(name: str, checkpoint: str | Path | None = None, device: str = "cpu", **kwargs: object) -> Any:
     """Create an encoder of family ``name``; weights come only from ``checkpoint`` (a local path)."""
     spec = encoder_spec(name)
     if checkpoint is not None and not Path(checkpoint).exists():
@@ -69,7 +70,7 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
     return factory(checkpoint=checkpoint, device=device, **kwargs)
 
 
-def encoder_from_description(desc: dict, device: str = "cpu"):
+def encoder_from_description(desc: dict[str, Any], device: str = "cpu") -> Any:
     """Recreate the encoder an index was built with (from its recorded ``describe()``)."""
     family = str(desc["family"])
     if family == "pixels":

@@ -64,7 +64,8 @@ def _small_cnn(source: str | None, opts: dict[str, Any]) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             f = self.stages(self.stem((x - 0.5) / 0.25))
-            return f.flatten(2).transpose(1, 2)
+            out: torch.Tensor = f.flatten(2).transpose(1, 2)
+            return out
 
     return SmallCNN()
 
@@ -104,11 +105,31 @@ def _efficientnet_lite0(source: str | None, opts: dict[str, Any]) -> Any:
             self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # type: ignore[operator]
-            return self.net.extract_features(x).flatten(2).transpose(1, 2)
+            return self.run_stages(self.normalise(x), 0, self.n_stages).flatten(2).transpose(1, 2)
+
+        def normalise(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # type: ignore[operator]
+
+        @property
+        def n_stages(self) -> int:
+            return len(self.net._blocks) + 2
+
+        def run_stages(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            """Stages ``start..stop-1`` (0 = stem, 1..16 = blocks, 17 = head conv): what
+            ``extract_features`` does, in pieces, so a frozen prefix can be computed once."""
+            n = self.net
+            for i in range(start, stop):
+                if i == 0:
+                    h = n._swish(n._bn0(n._conv_stem(h)))
+                elif i <= len(n._blocks):
+                    rate = n._global_params.drop_connect_rate
+                    h = n._blocks[i - 1](h, drop_connect_rate=rate * float(i - 1) / len(n._blocks) if rate else rate)
+                else:
+                    h = n._swish(n._bn1(n._conv_head(h)))
+            return h
 
         def stages(self) -> list[tuple[nn.Module, ...]]:
-            """Module groups from the input to the output (for tuning the last N)."""
+            """Module groups from the input to the output, as ``run_stages`` numbers them."""
             n = self.net
             return [(n._conv_stem, n._bn0), *((b,) for b in n._blocks), (n._conv_head, n._bn1)]
 
@@ -152,7 +173,8 @@ def _open_clip(source: str | None, opts: dict[str, Any]) -> Any:
                 x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear")
             x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # type: ignore[operator]
             _, tokens = self.visual(x)
-            return tokens
+            out: torch.Tensor = tokens
+            return out
 
     return OpenClipTower()
 
@@ -212,8 +234,8 @@ def _hf_vit(source: str | None, opts: dict[str, Any]) -> Any:
             if x.shape[-1] != self.input_size:  # a ViT's position embeddings fix its input size
                 x = torch.nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear")
             x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # type: ignore[operator]
-            out = self.model(pixel_values=x)
-            return out.last_hidden_state[:, skip:]
+            hidden: torch.Tensor = self.model(pixel_values=x).last_hidden_state
+            return hidden[:, skip:]
 
     return HFTower()
 

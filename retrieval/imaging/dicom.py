@@ -157,7 +157,8 @@ def _normalise(arr: np.ndarray, percentile: bool) -> np.ndarray:
         lo, hi = float(arr.min()), float(arr.max())
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros(arr.shape[:2], dtype=np.float64)
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    out: np.ndarray = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    return out
 
 
 def _to_gray(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:

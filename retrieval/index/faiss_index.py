@@ -37,7 +37,7 @@ IVF_MIN_POINTS = 1024  # fewer points: IVF falls back to Flat
 FILTER_CACHE = 64  # evaluated filters kept as point masks
 
 
-def _faiss():
+def _faiss() -> Any:
     import faiss
 
     return faiss
@@ -63,7 +63,7 @@ def ivf_nlist(n: int) -> int:
     return int(max(16, min(65536, 4 * np.sqrt(n))))
 
 
-def _make_index(kind: str, dim: int, n: int):
+def _make_index(kind: str, dim: int, n: int) -> Any:
     """An empty index (inner product) from :func:`factory_string`, with the build-time knobs set."""
     faiss = _faiss()
     index = faiss.index_factory(dim, factory_string(kind, n), faiss.METRIC_INNER_PRODUCT)
@@ -177,7 +177,7 @@ class FaissIndex:
         return len(self._payloads)
 
     @staticmethod
-    def _to_gpu(index):
+    def _to_gpu(index: Any) -> Any:
         faiss = _faiss()
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
             raise IndexError_("gpu=True but this FAISS build has no CUDA devices (install medrag[gpu])")
@@ -268,7 +268,7 @@ class FaissIndex:
             self._masks[key] = cached
         mask = cached.copy()
 
-        def ids_of(table: dict[str, list[int]], keys) -> list[int]:
+        def ids_of(table: dict[str, list[int]], keys: Sequence[Any]) -> list[int]:
             return [i for k in keys for i in table.get(str(k), ())]
 
         if ident["study_ids"] is not None:

@@ -244,7 +244,7 @@ class EdgeIndex(_QdrantReader):
 _MEMORY_CLIENTS: dict[str, Any] = {}
 
 
-def server_client(location: str, api_key: str | None = None):
+def server_client(location: str, api_key: str | None = None) -> Any:
     """A qdrant-client for a URL, or a process-wide ``:memory:`` client for ``memory://name``."""
     from qdrant_client import QdrantClient
 

@@ -176,5 +176,7 @@ class ConsistencyChecker:
 def _without(draft: Draft, victim: tuple[str, str]) -> Draft:
     section, text = victim
     kept: list[DraftSentence] = [s for s in getattr(draft, section) if s.text != text]
-    return replace(draft, **{section: kept})
+    out = replace(draft)
+    setattr(out, section, kept)
+    return out
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from retrieval.rag.context import ContextBuilder
-from retrieval.rag.types import Draft, DraftImages
-from retrieval.search import Query, Searcher
+from retrieval.rag.types import Draft, DraftImages, Generator
+from retrieval.search import CaseHit, Query, Searcher
 
 
-def draft_report(searcher: Searcher, images: Sequence[np.ndarray], generator, q: Query,
+def draft_report(searcher: Searcher, images: Sequence[np.ndarray], generator: Generator, q: Query,
                  prior_images: Sequence[np.ndarray] = (), prior_report: str | None = None,
                  prior_study_id: str = "prior", prior_date: str | None = None,
                  token_budget: int = 1500, reference_images: int = 3) -> Draft:
@@ -33,21 +32,20 @@ def draft_report(searcher: Searcher, images: Sequence[np.ndarray], generator, q:
     refs = []
     if getattr(generator, "name", "") != "extractive" and reference_images:
         refs = _reference_images(searcher, res.hits, reference_images)
-    draft = generator.generate(ctx, DraftImages(list(images), list(prior_images), refs))
-    return draft
+    return generator.generate(ctx, DraftImages(list(images), list(prior_images), refs))
 
 
-def _reference_images(searcher: Searcher, hits, limit: int) -> list[tuple[str, np.ndarray]]:
+def _reference_images(searcher: Searcher, hits: Sequence[CaseHit], limit: int) -> list[tuple[str, np.ndarray]]:
     from retrieval.imaging.images import ImageLoadError, load_image
+    from retrieval.imaging.paths import ImagePathError, resolve_image
 
     root = searcher.index.meta.image_root
     out: list[tuple[str, np.ndarray]] = []
     for h in hits:
         if len(out) >= limit or not h.image:
             continue
-        path = Path(h.image) if Path(h.image).is_absolute() or not root else Path(root) / h.image
         try:
-            out.append((h.study_id, load_image(path)))
-        except ImageLoadError:
+            out.append((h.study_id, load_image(resolve_image(h.image, root))))  # guarded like every reader
+        except (ImageLoadError, ImagePathError):
             continue
     return out

@@ -258,11 +258,12 @@ class EditNearestGenerator(ExtractiveGenerator):
     """
 
     def __init__(self, base: str = "nearest", candidates: int = 5, keep_at: float = 0.2, add: bool = True,
-                 **kw: float | bool) -> None:
+                 substitute: bool = True, add_negatives: bool = False, **kw: float | bool) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if base not in ("nearest", "consensus"):
             raise ValueError(f"base must be 'nearest' or 'consensus', not {base!r}")
         self.base, self.candidates, self.keep_at, self.add = base, candidates, keep_at, add
+        self.substitute, self.add_negatives = substitute, add_negatives
         self.name = "edit-" + base
 
     def pick_base(self, ctx: DraftContext) -> ContextCase:
@@ -297,20 +298,36 @@ class EditNearestGenerator(ExtractiveGenerator):
                     return False
             return True
 
-        kept = [s for s in _all_sentences(base) if keep(s)]
+        candidates = [s for c in ctx.cases if c is not base for s in c.sentences]
+
+        def best_for(key: LabelKey) -> ContextSentence | None:
+            pool = [s for s in candidates if key in {lab.key for lab in s.labels}
+                    and all(decided.get(lab.key) == lab.status and not self._conflicts(lab, decided)
+                            for lab in s.labels)]
+            if not pool:
+                return None
+            return max(pool, key=lambda s: (round(sum(weight[x] for x in agreeing_cases(ctx.cases, s.labels)), 6),
+                                            weight[s.study_id], -len(s.text)))
+
+        kept: list[ContextSentence] = []
+        for s in _all_sentences(base):
+            if keep(s):
+                kept.append(s)
+            elif self.substitute:  # the consensus's own sentence about what this one got wrong
+                for lab in s.labels:
+                    if decided.get(lab.key) not in (None, lab.status) and not any(
+                            lab.key in {x.key for x in k.labels} for k in kept):
+                        alt = best_for(lab.key)
+                        if alt is not None and alt not in kept:
+                            kept.append(alt)
         covered = {lab.key for s in kept for lab in s.labels}
         if self.add:
-            candidates = [s for c in ctx.cases if c is not base for s in c.sentences]
             for key in sorted(decided, key=lambda k: (_order(k), k)):
-                if key in covered or decided[key] == ABSENT:
+                if key in covered or (decided[key] == ABSENT and not self.add_negatives):
                     continue
-                pool = [s for s in candidates if key in {lab.key for lab in s.labels}
-                        and all(decided.get(lab.key) == lab.status and not self._conflicts(lab, decided)
-                                for lab in s.labels)]
-                if not pool:
+                best = best_for(key)
+                if best is None:
                     continue
-                best = max(pool, key=lambda s: (round(sum(weight[x] for x in agreeing_cases(ctx.cases, s.labels)), 6),
-                                                weight[s.study_id], -len(s.text)))
                 at = next((i for i, s in enumerate(kept) if s.labels and min(_order(lab.key) for lab in s.labels)
                            > _order(key)), None)
                 if at is None:  # before the closing unlabelled sentences ("No acute disease.")

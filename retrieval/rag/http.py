@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +43,11 @@ class OpenAICompatibleGenerator:
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.retries, self.backoff, self.max_tokens, self.max_refs = retries, backoff, max_tokens, max_reference_images
 
-    def request_body(self, ctx: DraftContext, images: DraftImages | None) -> dict:
+    def request_body(self, ctx: DraftContext, images: DraftImages | None) -> dict[str, Any]:
         images = images or DraftImages()
         refs = images.references[: self.max_refs]
         prompt = build_prompt(ctx, len(images.current), min(1, len(images.prior)), [r[0] for r in refs])
-        parts: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(i)}}
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}}
                              for i in [*images.current, *images.prior[:1], *(r[1] for r in refs)]]
         parts.append({"type": "text", "text": prompt})
         return {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,

@@ -3,7 +3,12 @@
 Models are asked to cite reference case ids in square brackets. What comes back is checked:
 only ids that were in the context count, and a sentence without a valid citation is cited
 post hoc with the retrieved cases whose reports agree with every entity it states. A sentence
-that no case supports stays uncited, and is shown as such, never silently attributed.
+that no case supports stays uncited, and is shown as such, never silently attributed. The parsed
+draft is read back by the consistency checker; what it finds is listed on the draft
+(``Draft.contradictions``, rendered under CHECK), not silently edited out of a model's text.
+
+The prompt carries the query images (current, prior, reference images), each reference report with
+its similarity score, the prior report, and the reference cases' score-weighted entity consensus.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def build_prompt(ctx: DraftContext, n_current: int = 1, n_prior: int = 0, refere
     lines.append("Reference cases, most similar first:")
     for c in ctx.cases:
         lines.append(f"[{c.study_id}] (similarity {c.score:.2f}): " + " ".join(s.text for s in c.sentences))
+    consensus = consensus_lines(ctx)
+    if consensus:
+        lines.append("Entity consensus of the reference cases (score-weighted vote): " + "; ".join(consensus) + ".")
     if ctx.prior is not None:
         lines.append(f"Prior report [prior:{ctx.prior.study_id}]"
                      f"{' (' + ctx.prior.study_date + ')' if ctx.prior.study_date else ''}: {ctx.prior.report}")
@@ -47,6 +55,14 @@ def build_prompt(ctx: DraftContext, n_current: int = 1, n_prior: int = 0, refere
                     "unchanged against the prior" if ctx.prior is not None else "")
                  + ". End every sentence with the supporting case ids in square brackets, e.g. [id1, id2].")
     return "\n".join(lines)
+
+
+def consensus_lines(ctx: DraftContext) -> list[str]:
+    """The score-weighted vote of the reference cases, one "finding (anatomy): status" each."""
+    from retrieval.rag.extractive import ExtractiveGenerator
+
+    decided = ExtractiveGenerator(check=False).decide(ctx)
+    return [f"{k.finding} ({k.anatomy}): {st}" for k, st in sorted(decided.items())]
 
 
 def parse_generated(text: str, ctx: DraftContext, generator: str) -> Draft:
@@ -73,4 +89,7 @@ def parse_generated(text: str, ctx: DraftContext, generator: str) -> Draft:
                 valid = tuple(agreeing_cases(ctx.cases, labels))
             getattr(draft, section if section in ("findings", "impression", "interval_changes") else "findings").append(
                 DraftSentence(sentence, valid, labels))
+    from retrieval.rag.consistency import ConsistencyChecker
+
+    draft.contradictions = [str(c) for c in ConsistencyChecker(builder.tax).check(draft)]
     return draft

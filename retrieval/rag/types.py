@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,9 +61,11 @@ class Draft:
     findings: list[DraftSentence] = field(default_factory=list)
     impression: list[DraftSentence] = field(default_factory=list)
     interval_changes: list[DraftSentence] = field(default_factory=list)
-    cases_used: list[dict] = field(default_factory=list)  # {"study_id", "score"}
+    cases_used: list[dict[str, Any]] = field(default_factory=list)  # {"study_id", "score"}
     generator: str = ""
     disclaimer: str = DISCLAIMER
+    # what the consistency checker found in a model's text (a model's draft is flagged, not edited)
+    contradictions: list[str] = field(default_factory=list)
 
     def sentences(self) -> list[DraftSentence]:
         return [*self.findings, *self.interval_changes, *self.impression]
@@ -84,6 +86,8 @@ class Draft:
         out += block("FINDINGS", self.findings)
         out += block("COMPARISON", self.interval_changes)
         out += block("IMPRESSION", self.impression)
+        if self.contradictions:
+            out += ["", "CHECK (contradictions found; edit before signing):"] + [f"  {c}" for c in self.contradictions]
         out += ["", "Cases used: " + ", ".join(f"{c['study_id']} ({c['score']:.3f})" for c in self.cases_used)]
         return "\n".join(out)
 
