@@ -93,8 +93,12 @@ def condition_scores(studies: Sequence[Study], images: list[np.ndarray], encoder
         return np.concatenate([encoder.encode_images(images[i:i + 32], anatomy=anatomy)
                                for i in range(0, len(images), 32)])
 
-    glob = emb(None)
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str | None, np.ndarray] = {}
+    if hasattr(encoder, "encode_conditions"):  # one tower pass for every condition
+        wanted = [None, *sorted({c.anatomy for c in conditions})]
+        parts = [encoder.encode_conditions(images[i:i + 32], wanted) for i in range(0, len(images), 32)]
+        cache = {a: np.concatenate([p[a] for p in parts]) for a in wanted}
+    glob = cache[None] if None in cache else emb(None)
     out: dict[str, dict[str, np.ndarray]] = {}
     for cond in conditions:
         states = _states(studies, cond)

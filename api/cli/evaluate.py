@@ -148,11 +148,10 @@ def _cmd_eval_cxr(a: argparse.Namespace) -> int:
 
 def _cmd_eval_cxr_cv(a: argparse.Namespace) -> int:
     from dataclasses import replace
+    from pathlib import Path
 
     from eval.labelled import CxrEvalConfig, cross_validate, format_table
     from indexer.train import PRESETS
-
-    from pathlib import Path
 
     preset = a.preset or ("cxr-notes-cpu" if (Path(a.folder) / "metadata.csv").is_file() else "cxr-cpu")
     cfg = PRESETS[preset] if a.epochs is None else replace(PRESETS[preset], epochs=a.epochs)

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--tower-source", help="local checkpoint directory of an open_clip / hf-vit tower")
     t.add_argument("--tune", help="tower stages that learn: none | last:N | all")
     t.add_argument("--half-checkpoint", action="store_true", help="store the checkpoint in float16 (half the size)")
+    t.add_argument("--label-readout", type=float,
+                   help="labelled sets: append the label probabilities, times this weight, to the embedding")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--image-size", type=int)
@@ -56,7 +58,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     over = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch_size, "image_size": a.image_size,
                               "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads,
                               "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,
-                              "checkpoint_dtype": "float16" if a.half_checkpoint else None}.items()
+                              "checkpoint_dtype": "float16" if a.half_checkpoint else None,
+                              "label_readout": a.label_readout}.items()
             if v is not None}
     if a.anatomies:
         over["anatomies"] = tuple(x.strip() for x in a.anatomies.split(","))
