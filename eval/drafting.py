@@ -22,7 +22,10 @@ Scores per method, each draft against its held-out report:
 Methods: ``copy-nearest`` (the top report verbatim), ``extractive`` (sentence voting without the
 checker: the drafter as it was), ``extractive+check``, ``edit-nearest`` and ``edit-consensus``
 (retrieve-and-edit from the top report or from the consensus report; ``+neg`` also adds the
-consensus's negative statements), ``copy-consensus`` (the consensus report verbatim).
+consensus's negative statements), ``copy-consensus`` (the consensus report verbatim),
+``edit-nearest+len`` (:class:`~retrieval.rag.extractive.ConsensusEditGenerator`: the nearest report
+edited only where the other cases disagree strongly, deleted sentences replaced by the most similar
+allowed sentence, length kept).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ from indexer.manifest import read_manifest
 from retrieval.entities import EntityExtractor
 from retrieval.rag.consistency import ConsistencyChecker
 from retrieval.rag.context import ContextBuilder, labels_of
-from retrieval.rag.extractive import EditNearestGenerator, ExtractiveGenerator, copy_nearest
+from retrieval.rag.extractive import (
+    ConsensusEditGenerator,
+    EditNearestGenerator,
+    ExtractiveGenerator,
+    copy_nearest,
+)
 from retrieval.rag.types import Draft, DraftContext
 from retrieval.records import Label, Study, as_labels
 from retrieval.taxonomy import default_taxonomy
@@ -128,7 +136,7 @@ def methods() -> dict[str, Callable[[DraftContext], Draft]]:
     return {"copy-nearest": copy_nearest, "extractive": extractive.generate, "extractive+check": checked.generate,
             "copy-consensus": copy_consensus.generate, "edit-nearest": edit_nearest.generate,
             "edit-nearest+neg": edit_negatives.generate,
-            "edit-consensus": edit_consensus.generate}
+            "edit-consensus": edit_consensus.generate, "edit-nearest+len": ConsensusEditGenerator().generate}
 
 
 def coco_scores(refs: list[str], hyps: list[str]) -> dict[str, float]:

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from eval.drafting import bleu4, rouge_l, tokens
-from retrieval.rag import ContextBuilder, ExtractiveGenerator, copy_nearest
+from retrieval.rag import (
+    ConsistencyChecker,
+    ContextBuilder,
+    EditNearestGenerator,
+    ExtractiveGenerator,
+    copy_nearest,
+)
 from retrieval.rag.context import labels_of
 from retrieval.rag.http import GeneratorError, OpenAICompatibleGenerator
 from retrieval.rag.prompting import build_prompt, parse_generated
@@ -76,8 +82,10 @@ def test_extractive_normal_study_gives_a_normal_impression():
 
 
 def test_comparison_with_prior_states_interval_change():
-    cases = [("a", 0.9, "Large left pleural effusion. The heart is enlarged."),
-             ("b", 0.8, "Large left pleural effusion. Cardiomegaly. No pneumothorax."),
+    # resolution of the prior's opacity needs cases that state it gone ("The lungs are clear."):
+    # silence is not resolution (test_silent_analogs_do_not_resolve_a_prior_finding)
+    cases = [("a", 0.9, "Large left pleural effusion. The heart is enlarged. The lungs are clear."),
+             ("b", 0.8, "Large left pleural effusion. Cardiomegaly. No pneumothorax. The lungs are clear."),
              ("c", 0.7, "Moderate cardiomegaly. Large left pleural effusion. No pneumothorax.")]
     prior = ("p1", "Small left pleural effusion. Cardiomegaly. Right upper lobe opacity.", "2020-01-01")
     draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
@@ -85,6 +93,7 @@ def test_comparison_with_prior_states_interval_change():
     assert set(changes) == {"worsened", "unchanged", "resolved"}
     assert "effusion" in changes["worsened"].text and "cardiomegaly" in changes["unchanged"].text
     assert "opacity" in changes["resolved"].text and "right lung" in changes["resolved"].text
+    assert changes["resolved"].citations == ("prior:p1", "a", "b")  # the cases that state it gone
     assert all(s.citations[0] == "prior:p1" for s in draft.interval_changes)
     new = ExtractiveGenerator().generate(_ctx(cases, prior=("p2", NORMAL, None)))
     assert any(s.text.startswith("New effusion") for s in new.interval_changes)
@@ -356,3 +365,48 @@ def test_comparison_with_hedged_states():
     persistent = next(s for s in draft.interval_changes if s.text.startswith("Possible persistent"))
     assert persistent.citations == ("prior:p", "a", "b")  # the prior and the cases that show it
     assert "The cardiomegaly, questioned on the prior study, is now present." in texts
+
+
+def test_silent_analogs_do_not_resolve_a_prior_finding():
+    """Regression (real-image comparative draft): analog cases that merely do not mention a finding
+    the prior report states gave "Interval resolution of X"; silence now gives a hedged
+    not-assessed line, and resolution needs enough cases stating it absent."""
+    prior = ("p", "Right upper lobe opacity. Heart size is normal.", None)
+    silent = [("a", 0.9, "Heart size is normal. No pleural effusion."),
+              ("b", 0.8, "Heart size is normal. No pneumothorax."), ("c", 0.7, "Normal heart size.")]
+    for gen in (ExtractiveGenerator(), EditNearestGenerator()):
+        draft = gen.generate(_ctx(silent, prior=prior))
+        texts = [s.text for s in draft.interval_changes]
+        assert not any("resolution" in t.lower() for t in texts), texts
+        hedged = next(s for s in draft.interval_changes if "not assessed" in s.text)
+        assert hedged.text.startswith("Possible persistent opacity in the right lung")
+        assert hedged.change is None and hedged.citations == ("prior:p",)
+        assert not ConsistencyChecker().check(draft)
+    # one low-weight case saying it is gone is not enough support either
+    weak = [*silent[:2], ("c", 0.2, "The lungs are clear. Normal heart size.")]
+    texts = [s.text for s in ExtractiveGenerator().generate(_ctx(weak, prior=prior)).interval_changes]
+    assert not any("resolution" in t.lower() for t in texts) and any("too few" in t for t in texts)
+    # most of the retrieved weight stating it absent: resolution, cited with those cases
+    stated = [("a", 0.9, "The lungs are clear. Heart size is normal."),
+              ("b", 0.8, "No focal opacity in the right lung."), ("c", 0.7, "Normal heart size.")]
+    res = [s for s in ExtractiveGenerator().generate(_ctx(stated, prior=prior)).interval_changes
+           if s.change == "resolved"]
+    assert [s.text for s in res] == ["Interval resolution of the opacity in the right lung."]
+    assert res[0].citations == ("prior:p", "a", "b")
+
+
+def test_consensus_edit_replaces_a_lone_finding_and_keeps_the_wording():
+    from retrieval.rag.extractive import ConsensusEditGenerator
+
+    base = "Heart size is normal. Calcified granuloma in the right upper lobe. No pleural effusion or pneumothorax."
+    cases = [("a", 0.9, base), ("b", 0.85, "Heart size is normal. The lungs are clear. No pleural effusion."),
+             ("c", 0.8, "The heart is normal. The lungs are clear. No pneumothorax."),
+             ("d", 0.75, "Normal heart size. The lungs are clear.")]
+    d = ConsensusEditGenerator().generate(_ctx(cases))
+    # no other case states a granuloma: its sentence goes, replaced in place by the consensus's
+    assert d.text() == "Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."
+    assert d.findings[1].citations == ("b", "c", "d") and not ConsistencyChecker().check(d)
+    # a finding other cases state (here on the other side) keeps the nearest report's wording
+    kept = [cases[0], ("b", 0.85, "Calcified granuloma in the left lung. Heart size is normal."), *cases[2:]]
+    assert "Calcified granuloma in the right upper lobe." in ConsensusEditGenerator().generate(_ctx(kept)).text()
+    assert copy_nearest(_ctx(cases)).text() == base

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d.add_argument("--finding", help="only analog cases stating this finding")
     d.add_argument("--exclude-patient", help="do not draft from this patient's studies")
     d.add_argument("-k", type=int, default=5, help="analog cases to retrieve")
-    d.add_argument("--generator", choices=["extractive", "vlm", "http"], default="extractive")
+    d.add_argument("--generator", choices=["extractive", "edit", "vlm", "http"], default="extractive")
     d.add_argument("--model-dir", help="vlm: local transformers model directory")
     d.add_argument("--base-url", help="http: OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     d.add_argument("--model", help="http: model name on that server")

@@ -123,8 +123,9 @@ class ConsistencyChecker:
     def repair(self, draft: Draft) -> tuple[Draft, list[Contradiction]]:
         """Delete sentences until ``draft`` is consistent; returns (repaired draft, what was found).
 
-        Deletion order: the comparison line, the unsupported impression item, the normal statement
-        or negative sentence; a positive finding is never deleted in favour of a negative.
+        Deletion order: the comparison line (also when it states the finding a FINDINGS normal
+        statement rules out), the unsupported impression item, the normal statement or negative
+        sentence; a positive finding in FINDINGS is never deleted in favour of a negative.
         """
         found = self.check(draft)
         cur = draft
@@ -169,6 +170,9 @@ class ConsistencyChecker:
         if c.rule == "comparison-vs-findings":
             text = c.first if where.get(c.first) == "interval_changes" else c.second
             return "interval_changes", text
+        # a comparison line never outranks FINDINGS: when one side is in COMPARISON, it goes
+        if where.get(c.second) == "interval_changes" and where.get(c.first) != "interval_changes":
+            return "interval_changes", c.second
         # normal-vs-finding and present-vs-absent: ``first`` is the normal / negative sentence
         return where.get(c.first, "findings"), c.first
 
