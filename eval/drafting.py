@@ -55,6 +55,7 @@ from retrieval.rag.extractive import (
     ExtractiveGenerator,
     copy_nearest,
 )
+from retrieval.rag.overlap import rouge_l
 from retrieval.rag.types import Draft, DraftContext
 from retrieval.records import Label, Study, as_labels
 from retrieval.taxonomy import default_taxonomy
@@ -83,23 +84,6 @@ def bleu4(refs: list[list[str]], hyps: list[list[str]]) -> float:
             for i in range(4)]
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     return bp * math.exp(sum(logs) / 4)
-
-
-def rouge_l(ref: list[str], hyp: list[str]) -> float:
-    if not ref or not hyp:
-        return 0.0
-    prev = [0] * (len(hyp) + 1)
-    for a in ref:
-        cur = [0]
-        for j, b in enumerate(hyp):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(hyp), lcs / len(ref)
-    beta2 = 1.2 ** 2
-    return (1 + beta2) * p * r / (r + beta2 * p)
 
 
 @dataclass

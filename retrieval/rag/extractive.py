@@ -34,6 +34,7 @@ import re
 
 from retrieval.rag.consistency import ConsistencyChecker
 from retrieval.rag.context import ContextBuilder, agreeing_cases
+from retrieval.rag.overlap import rouge_l
 from retrieval.rag.types import (
     Change,
     ContextCase,
@@ -308,7 +309,7 @@ class EditNearestGenerator(ExtractiveGenerator):
         w = [max(c.score, 0.0) + 1e-3 for c in pool]
 
         def agreement(i: int) -> float:
-            return sum(w[j] * _rouge_l(toks[j], toks[i]) for j in range(len(pool)) if j != i)
+            return sum(w[j] * rouge_l(toks[j], toks[i]) for j in range(len(pool)) if j != i)
 
         return pool[max(range(len(pool)), key=lambda i: (round(agreement(i), 6), -i))]
 
@@ -384,23 +385,6 @@ def _words(text: str) -> list[str]:
     return [t for t in _WORD.findall(text.lower()) if t != "xxxx"]
 
 
-def _rouge_l(ref: list[str], hyp: list[str]) -> float:
-    """ROUGE-L F (beta 1.2), as in pycocoevalcap; for choosing the consensus wording."""
-    if not ref or not hyp:
-        return 0.0
-    prev = [0] * (len(hyp) + 1)
-    for a in ref:
-        cur = [0]
-        for j, b in enumerate(hyp):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if not lcs:
-        return 0.0
-    p, r = lcs / len(hyp), lcs / len(ref)
-    return (1 + 1.44) * p * r / (r + 1.44 * p)
-
-
 _POS: tuple[Status, ...] = (PRESENT, UNCERTAIN)
 
 
@@ -465,7 +449,7 @@ class ConsensusEditGenerator(ExtractiveGenerator):
                 continue
             w = max(c.score, 0.0) + 1e-3
             den += w
-            num += w * max((_rouge_l(_words(y.text), ws) for y in c.sentences), default=0.0)
+            num += w * max((rouge_l(_words(y.text), ws) for y in c.sentences), default=0.0)
         return num / den if den else 0.0
 
     def generate(self, ctx: DraftContext, images: DraftImages | None = None) -> Draft:
@@ -494,7 +478,7 @@ class ConsensusEditGenerator(ExtractiveGenerator):
             ws = _words(s.text)
             pool = [x for c in others for x in c.sentences
                     if x.text.lower() not in have and self._allowed(ctx, base, x)]
-            return max(pool, key=lambda x: _rouge_l(ws, _words(x.text)), default=None)
+            return max(pool, key=lambda x: rouge_l(ws, _words(x.text)), default=None)
 
         for i, s in enumerate(base_sents):
             drop = any((lab.status in _POS and self.share(ctx, base, lab.key, _POS) < self.delete_below
@@ -534,7 +518,7 @@ class ConsensusEditGenerator(ExtractiveGenerator):
         for score, c, s in cands:
             if length >= target or score < self.fill_at:
                 break
-            if any(_rouge_l(_words(x.text), _words(s.text)) >= self.redundant_at for _, x in items):
+            if any(rouge_l(_words(x.text), _words(s.text)) >= self.redundant_at for _, x in items):
                 continue
             if any(lab.key in covered and base.labels.get(lab.key, lab.status) != lab.status for lab in s.labels):
                 continue
