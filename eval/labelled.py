@@ -220,9 +220,7 @@ def score_directory(folder: str | Path, checkpoint: str | Path | None, out_dir: 
     cfg = cfg or CxrEvalConfig()
     t0 = time.perf_counter()
     out = Path(out_dir)
-    manifest, res = load_directory(folder, out)
-    studies, images, problems = load_images(manifest, res.studies, cfg.image_side)
-    cfg = _findings_present(cfg, studies)
+    manifest, res, studies, images, problems, cfg = _prepare(folder, out, cfg)
     methods = baseline_methods(device)
     if checkpoint:
         methods["trained"] = checkpoint_method(checkpoint, device)
@@ -252,9 +250,7 @@ def cross_validate(folder: str | Path, train_cfg: Any, out_dir: str | Path, fold
     cfg = cfg or CxrEvalConfig()
     t0 = time.perf_counter()
     out = Path(out_dir)
-    manifest, res = load_directory(folder, out)
-    studies, images, problems = load_images(manifest, res.studies, cfg.image_side)
-    cfg = _findings_present(cfg, studies)
+    manifest, res, studies, images, problems, cfg = _prepare(folder, out, cfg)
     fold_of = patient_folds(studies, folds, cfg.seed)
     parts: dict[str, list[QueryScores]] = {}
     cond_parts: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -297,6 +293,14 @@ def cross_validate(folder: str | Path, train_cfg: Any, out_dir: str | Path, fold
               **summary, "seconds": round(time.perf_counter() - t0, 1)}
     (out / "cxr_cv.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _prepare(folder: str | Path, out: Path, cfg: CxrEvalConfig
+             ) -> tuple[Path, SourceResult, list[Study], list[np.ndarray], list[str], CxrEvalConfig]:
+    """The folder's manifest (under ``out``), its decoded images and the findings it can score."""
+    manifest, res = load_directory(folder, out)
+    studies, images, problems = load_images(manifest, res.studies, cfg.image_side)
+    return manifest, res, studies, images, problems, _findings_present(cfg, studies)
 
 
 def _native(checkpoint: str | Path, device: str) -> Any:
