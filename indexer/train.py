@@ -47,6 +47,7 @@ from retrieval.encoders.native import (
     NativeConfig,
     NativeEncoder,
     build_model,
+    stored_state,
     tower_stage_modules,
 )
 from retrieval.encoders.preprocess import resize
@@ -295,7 +296,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     state_dir = out / "state"
     if resume and (state_dir / "state.pt").is_file():
         st = torch.load(state_dir / "state.pt", weights_only=False)
-        model.load_state_dict(st["model"])
+        missing, unexpected = model.load_state_dict(st["model"], strict=False)
+        if unexpected or set(missing) & set(stored_state(model, ncfg)):  # only rebuilt tower parts may be absent
+            raise ValueError(f"{state_dir}: training state does not match this configuration")
         proj.load_state_dict(st["proj"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -370,7 +373,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
         val = _validate(model, data, val_studies, anatomies, setting_index, cfg, cached_tokens)
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
                         "step_losses": steps, "val_recall@5": val, "lr": sched.get_last_lr()[0]})
-        _save_state(state_dir, {"model": model.state_dict(), "proj": proj.state_dict(),
+        # what a checkpoint stores: a frozen pretrained tower is rebuilt from its source, not re-saved
+        _save_state(state_dir, {"model": stored_state(model, ncfg), "proj": proj.state_dict(),
                                 "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                 "gen": gen.get_state(), "np_rng": rng.bit_generator.state,

@@ -134,8 +134,7 @@ class ExtractiveGenerator:
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, ctx: DraftContext, images: DraftImages | None = None) -> Draft:
-        draft = Draft(generator=self.name, cases_used=[{"study_id": c.study_id, "score": round(c.score, 4)}
-                                                      for c in ctx.cases])
+        draft = Draft.for_context(ctx, self.name)
         if not ctx.cases:
             return draft
         decided = self.decide(ctx)
@@ -314,8 +313,7 @@ class EditNearestGenerator(ExtractiveGenerator):
         return pool[max(range(len(pool)), key=lambda i: (round(agreement(i), 6), -i))]
 
     def generate(self, ctx: DraftContext, images: DraftImages | None = None) -> Draft:
-        draft = Draft(generator=self.name, cases_used=[{"study_id": c.study_id, "score": round(c.score, 4)}
-                                                      for c in ctx.cases])
+        draft = Draft.for_context(ctx, self.name)
         if not ctx.cases:
             return draft
         decided = self.decide(ctx)
@@ -453,8 +451,7 @@ class ConsensusEditGenerator(ExtractiveGenerator):
         return num / den if den else 0.0
 
     def generate(self, ctx: DraftContext, images: DraftImages | None = None) -> Draft:
-        draft = Draft(generator=self.name, cases_used=[{"study_id": c.study_id, "score": round(c.score, 4)}
-                                                      for c in ctx.cases])
+        draft = Draft.for_context(ctx, self.name)
         if not ctx.cases:
             return draft
         base = ctx.cases[0]

@@ -66,7 +66,7 @@ def consensus_lines(ctx: DraftContext) -> list[str]:
 
 
 def parse_generated(text: str, ctx: DraftContext, generator: str) -> Draft:
-    draft = Draft(generator=generator, cases_used=[{"study_id": c.study_id, "score": round(c.score, 4)} for c in ctx.cases])
+    draft = Draft.for_context(ctx, generator)
     known = {c.study_id for c in ctx.cases} | ({f"prior:{ctx.prior.study_id}"} if ctx.prior else set())
     builder = ContextBuilder()
     section = "findings"

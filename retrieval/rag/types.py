@@ -67,6 +67,12 @@ class Draft:
     # what the consistency checker found in a model's text (a model's draft is flagged, not edited)
     contradictions: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_context(cls, ctx: DraftContext, generator: str) -> Draft:
+        """An empty draft that records the cases it may draw on, with their scores."""
+        return cls(generator=generator, cases_used=[{"study_id": c.study_id, "score": round(c.score, 4)}
+                                                    for c in ctx.cases])
+
     def sentences(self) -> list[DraftSentence]:
         return [*self.findings, *self.interval_changes, *self.impression]
 
