@@ -6,8 +6,9 @@
 #   3.   a pleura-conditioned search with an effusion case: the hits with their labels, how many
 #        show an effusion against the base rate, and heat-maps of where the pleura query looked;
 #   4.   the same with the entity filter (only cases labelled with an effusion);
-#   5-6. report search over the shared IU X-ray reports and a drafted comparative report (when the
-#        shared data is beside the repo).
+#   5.   report search over the shared IU X-ray reports (when the shared data is beside the repo);
+#   6.   a comparative report drafted for a real follow-up radiograph with its real prior (the
+#        shared COVID-collection notes set; a synthetic paired set when it is absent).
 # Output of every command goes to a file first and is shown from there (no pipes into `head`: a
 # reader that stops early would kill the writer with SIGPIPE under pipefail).
 set -euo pipefail
@@ -51,12 +52,30 @@ if [ -f "$ANN" ]; then
   $BIN/medrag search --index "faiss:$OUT/iu_index" --reports --text "small left pleural effusion" \
     --anatomy "left pleura" --finding effusion --include-uncertain -k 3
 fi
-echo "== 6. draft a comparative report from retrieved cases (synthetic paired set; extractive drafter)"
-$BIN/medrag eval synth --out "$OUT/synth" -n 200 --seed 7 --size 128 > "$OUT/6a.txt"; tail -n 1 "$OUT/6a.txt"
-$BIN/medrag index build "$OUT/synth/manifest.jsonl" --index "qdrant+local:$OUT/synth_index" --encoder pixels \
-  --text-encoder none --conditioning "left lung,right lung,heart" --no-progress > "$OUT/6b.txt"; show "$OUT/6b.txt" 1
-PRIOR=$(sed -n 1p "$OUT/synth/manifest.jsonl" | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)["report"])')
-echo "$PRIOR" > "$OUT/prior_report.txt"
-echo "prior report: $PRIOR"
-$BIN/medrag draft --index "qdrant+local:$OUT/synth_index" --image "$OUT/synth/images/syn00001.png" \
-  --prior-report "$OUT/prior_report.txt" --prior-study syn00000 --exclude-patient pat00000 -k 5
+COVID=../shared/data/covid_cxr_notes
+if [ -f "$COVID/metadata.csv" ]; then
+  echo "== 6. draft a comparative report for a real follow-up image with its real prior (COVID-collection notes set)"
+  $BIN/medrag index manifest notes "$COVID" -o "$OUT/notes.jsonl" > "$OUT/6a.txt"; show "$OUT/6a.txt" 1
+  $BIN/medrag index build "$OUT/notes.jsonl" --index "faiss:$OUT/notes_index" --encoder medrag-native \
+    --checkpoint demo/model --text-encoder none --conditioning "lung,left lung,right lung,heart,pleura" \
+    --no-progress > "$OUT/6b.txt"; show "$OUT/6b.txt" 1
+  # patient 91: aspiration pneumonia, day 0 (prior) and day 3 (current); the patient's own studies are excluded
+  $BIN/python - "$OUT/notes.jsonl" aspiration-pneumonia-5-day0 > "$OUT/prior_report.txt" <<'PY'
+import json, sys
+print(next(json.loads(l)["report"] for l in open(sys.argv[1]) if json.loads(l)["study_id"] == sys.argv[2]))
+PY
+  echo "prior report (day 0): $(cat "$OUT/prior_report.txt")"
+  $BIN/medrag draft --index "faiss:$OUT/notes_index" --image "$COVID/images/aspiration-pneumonia-5-day3.png" \
+    --prior-image "$COVID/images/aspiration-pneumonia-5-day0.png" --prior-report "$OUT/prior_report.txt" \
+    --prior-study aspiration-pneumonia-5-day0 --prior-date 2000-01-01 --exclude-patient 91 -k 5
+else
+  echo "== 6. draft a comparative report from retrieved cases (synthetic paired set; extractive drafter)"
+  $BIN/medrag eval synth --out "$OUT/synth" -n 200 --seed 7 --size 128 > "$OUT/6a.txt"; tail -n 1 "$OUT/6a.txt"
+  $BIN/medrag index build "$OUT/synth/manifest.jsonl" --index "qdrant+local:$OUT/synth_index" --encoder pixels \
+    --text-encoder none --conditioning "left lung,right lung,heart" --no-progress > "$OUT/6b.txt"; show "$OUT/6b.txt" 1
+  PRIOR=$(sed -n 1p "$OUT/synth/manifest.jsonl" | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)["report"])')
+  echo "$PRIOR" > "$OUT/prior_report.txt"
+  echo "prior report: $PRIOR"
+  $BIN/medrag draft --index "qdrant+local:$OUT/synth_index" --image "$OUT/synth/images/syn00001.png" \
+    --prior-report "$OUT/prior_report.txt" --prior-study syn00000 --exclude-patient pat00000 -k 5
+fi

@@ -259,3 +259,72 @@ def test_label_readout_appends_the_label_probabilities(tmp_path):
         p = torch.sigmoid(enc.model.classifier(torch.nn.functional.normalize(raw, dim=-1))).numpy() * 2.0
     expected = np.concatenate([torch.nn.functional.normalize(raw, dim=-1).numpy(), p], 1)
     np.testing.assert_allclose(z, expected / np.linalg.norm(expected), atol=1e-5)
+
+
+def test_linear_probe_matches_scikit_learn_and_masks_by_anatomy():
+    """The probe stored in the model predicts what the scikit-learn pipeline it was fitted with
+    predicts (standardise + class-balanced logistic regression); a label seen with one class only
+    gets its training rate; an anatomy space keeps only the labels of that anatomy (+ normal)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from indexer.train import PRESETS, fit_probe
+    from retrieval.encoders.native import NORMAL, NativeConfig, build_model
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 128
+    tokens = torch.from_numpy(rng.normal(size=(n, 4, d)).astype(np.float32))
+    feats = tokens.mean(1).numpy()
+    card = (feats[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(np.float32)  # learnable from feature 0
+    eff = np.zeros(n, np.float32)  # never present in training: one class only
+    targets = np.stack([card, eff], 1)
+    cfg = NativeConfig(image_size=32, widths=(8, 128), token_dim=16, embed_dim=8,
+                       anatomies=("<global>", "heart", "pleura", "left lung"),
+                       probe_labels=("heart|cardiomegaly", "pleura|effusion", NORMAL), probe_weight=2.0)
+    model = build_model(cfg)
+    train_mask = np.arange(n) < 50
+    data = SimpleNamespace(label_targets=targets, owner=np.arange(n), images=None)
+    fit_probe(model, data, replace(PRESETS["cxr-cpu"], probe_sizes=()), tokens, train_mask)
+
+    y_all = np.concatenate([targets, (targets.sum(1) == 0)[:, None]], 1)
+    sc = StandardScaler().fit(feats[train_mask])
+    with torch.no_grad():
+        got = torch.sigmoid(model.probe(tokens.mean(1))).numpy()
+    for j in (0, 2):
+        lr = LogisticRegression(C=PRESETS["cxr-cpu"].probe_c, class_weight="balanced", max_iter=2000)
+        lr.fit(sc.transform(feats[train_mask]), y_all[train_mask, j])
+        np.testing.assert_allclose(got[:, j], lr.predict_proba(sc.transform(feats))[:, 1], atol=1e-4)
+    np.testing.assert_allclose(got[:, 1], 1e-3, rtol=1e-3)  # no positives seen: the clipped rate
+    with torch.no_grad():
+        masked = model.probe_probs(tokens.mean(1), torch.tensor([0, 1, 2, 3] * 15)).numpy()
+    assert (masked[1::4, 1] == 0).all() and (masked[1::4, 0] > 0).all()  # heart: cardiomegaly, not effusion
+    assert (masked[2::4, 0] == 0).all() and (masked[3::4, :2] == 0).all()  # pleura; left lung: normal only
+    np.testing.assert_allclose(masked[0::4], got[0::4] * 2.0, rtol=1e-5)  # whole image: all, times the weight
+
+
+@pytest.mark.slow
+def test_training_with_a_probe_puts_its_probabilities_in_the_checkpoint(small_nih, tmp_path):
+    from dataclasses import replace
+
+    from indexer.train import PRESETS, train
+    from retrieval.encoders.native import NORMAL, NativeEncoder
+
+    res = from_labels_csv(small_nih, tmp_path / "m.jsonl")
+    write_manifest(tmp_path / "m.jsonl", res.studies)
+    cfg = replace(PRESETS["cxr-cpu"], image_size=64, epochs=1, batch_size=8, threads=2, probe_c=0.01, probe_sizes=(96,))
+    out = train(tmp_path / "m.jsonl", tmp_path / "run", cfg, progress=False)
+    enc = NativeEncoder.load(out.out_dir)
+    assert enc.cfg.probe_labels[-1] == NORMAL and enc.cfg.probe_weight == 10.0 and enc.cfg.probe_sizes == (96,)
+    assert enc.model.probe.linear.in_features == 2 * 1280  # pooled at 64 px and at 96 px
+    assert enc.dim == enc.cfg.embed_dim + len(enc.cfg.probe_labels)
+    img = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(small_nih / _nih_rows(1)[0]["image"]),
+                      np.float32) / 255.0]
+    z = enc.encode_images(img)
+    assert z.shape == (1, enc.dim) and np.linalg.norm(z) == pytest.approx(1.0, abs=1e-5)
+    probs = z[0, enc.cfg.embed_dim:]
+    head = z[0, :enc.cfg.embed_dim]
+    assert (probs > 0).all() and np.linalg.norm(probs) > np.linalg.norm(head)  # the probe weighs more

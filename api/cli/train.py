@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--half-checkpoint", action="store_true", help="store the checkpoint in float16 (half the size)")
     t.add_argument("--label-readout", type=float,
                    help="labelled sets: append the label probabilities, times this weight, to the embedding")
+    t.add_argument("--probe-c", type=float,
+                   help="fit a linear label probe on the tower's pooled features with this inverse L2 strength "
+                        "(0: none); its probabilities join the embedding")
+    t.add_argument("--probe-weight", type=float, help="weight of the probe's probabilities in the embedding")
+    t.add_argument("--probe-sizes", help="comma-separated extra input sides the probe also reads (e.g. 448; '' for none)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--image-size", type=int)
@@ -59,8 +64,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
                               "lr": a.lr, "seed": a.seed, "device": a.device, "threads": a.threads,
                               "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,
                               "checkpoint_dtype": "float16" if a.half_checkpoint else None,
-                              "label_readout": a.label_readout}.items()
+                              "label_readout": a.label_readout, "probe_c": a.probe_c,
+                              "probe_weight": a.probe_weight}.items()
             if v is not None}
+    if a.probe_sizes is not None:
+        over["probe_sizes"] = tuple(int(x) for x in a.probe_sizes.split(",") if x.strip())
     if a.anatomies:
         over["anatomies"] = tuple(x.strip() for x in a.anatomies.split(","))
     res = train(manifest, a.out, replace(cfg, **over), resume=a.resume, progress=not a.no_progress)

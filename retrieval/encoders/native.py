@@ -48,11 +48,15 @@ class NativeConfig:
     tower_trainable: str = "all"  # "none" (frozen) | "last:N" (last N stages tuned) | "all"
     label_names: tuple[str, ...] = ()  # label keys of the auxiliary classifier (labelled training sets)
     label_readout: float = 0.0  # > 0: embeddings carry the classifier's label probabilities too
+    probe_labels: tuple[str, ...] = ()  # label keys ("coarse|finding", or NORMAL) of the linear probe
+    probe_weight: float = 0.0  # > 0: embeddings carry the probe's label probabilities (see linear_probe)
+    probe_sizes: tuple[int, ...] = ()  # more input sides whose pooled tower features the probe also reads
 
     @property
     def dim(self) -> int:
-        """Size of the retrieval embedding: the head's, plus one per label when read out."""
-        return self.embed_dim + (len(self.label_names) if self.label_readout > 0 else 0)
+        """Size of the retrieval embedding: the head's, plus one per label read out."""
+        return (self.embed_dim + (len(self.label_names) if self.label_readout > 0 else 0)
+                + (len(self.probe_labels) if self.probe_weight > 0 else 0))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NativeConfig:
@@ -60,7 +64,30 @@ class NativeConfig:
         raw["widths"] = tuple(raw["widths"])
         raw["anatomies"] = tuple(raw["anatomies"])
         raw["label_names"] = tuple(raw.get("label_names", ()))
+        raw["probe_labels"] = tuple(raw.get("probe_labels", ()))
+        raw["probe_sizes"] = tuple(raw.get("probe_sizes", ()))
         return cls(**raw)
+
+
+NORMAL = "<normal>"  # probe column: no finding stated present (NIH "No Finding")
+
+
+def probe_anatomy_mask(cfg: NativeConfig) -> np.ndarray:
+    """(conditions, probe labels) 0/1: which probe labels speak for each condition's anatomy.
+
+    The whole image (index 0) uses every label; an anatomy uses the labels whose coarse anatomy is
+    itself, one of its ancestors or one of its parts ("left lung" -> lung findings, "heart" ->
+    cardiomegaly), and the normal column. So "similar heart" ranks by the heart's findings."""
+    tax = default_taxonomy()
+    mask = np.zeros((len(cfg.anatomies), len(cfg.probe_labels)), np.float32)
+    for i, anat in enumerate(cfg.anatomies):
+        if anat == GLOBAL:
+            mask[i] = 1.0
+            continue
+        near = set(tax.ancestors(anat)) | {d for d in tax.anatomies if anat in tax.ancestors(d)}
+        for j, key in enumerate(cfg.probe_labels):
+            mask[i, j] = float(key == NORMAL or key.split("|", 1)[0] in near)
+    return mask
 
 
 def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
@@ -90,10 +117,22 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             # multi-label classifier on the embedding (an auxiliary loss on labelled sets); only
             # checkpoints trained with labels have one
             self.classifier = nn.Linear(cfg.embed_dim, len(cfg.label_names)) if cfg.label_names else None
+            self.probe = (linear_probe(int(tower.out_dim) * (1 + len(cfg.probe_sizes)), len(cfg.probe_labels))
+                          if cfg.probe_labels else None)
+            self.register_buffer("probe_mask", torch.from_numpy(probe_anatomy_mask(cfg)), persistent=False)
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = self.to_tokens(self.tower(x)) + self.pos
             return out
+
+        def probe_probs(self, pooled: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor | None:
+            """The probe's label probabilities from pooled tower features (at ``image_size``, then
+            each of ``probe_sizes``), masked to the condition's anatomy and scaled by
+            ``probe_weight``; None without a probe."""
+            if cfg.probe_weight <= 0 or self.probe is None:
+                return None
+            mask: torch.Tensor = self.probe_mask[anatomy_idx]  # type: ignore[index]
+            return torch.sigmoid(self.probe(pooled)) * mask * cfg.probe_weight
 
         def pooled(self, x: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,17 +141,32 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             out, attn = self.attn(q, tok, tok, need_weights=weights, average_attn_weights=True)
             return self.norm(out.squeeze(1) + q.squeeze(1)), attn
 
-        def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
-            h, _ = self.pooled(x, anatomy_idx)
-            return self.readout(torch.nn.functional.normalize(self.head(h), dim=-1))
+        def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor, more: torch.Tensor | None = None) -> torch.Tensor:
+            """``more``: pooled tower features at ``probe_sizes`` (the encoder computes them from
+            the original images; a probe that reads them cannot run without them)."""
+            raw = self.tower(x)
+            tok = self.to_tokens(raw) + self.pos
+            q = self.queries(anatomy_idx).unsqueeze(1)
+            out, _ = self.attn(q, tok, tok, need_weights=False)
+            h = self.norm(out.squeeze(1) + q.squeeze(1))
+            probe = None
+            if self.probe is not None and cfg.probe_weight > 0:
+                if cfg.probe_sizes and more is None:
+                    raise ValueError(f"this probe also reads {cfg.probe_sizes} px features: pass `more`")
+                pooled = raw.mean(1) if more is None else torch.cat([raw.mean(1), more], 1)
+                probe = self.probe_probs(pooled, anatomy_idx)
+            return self.readout(torch.nn.functional.normalize(self.head(h), dim=-1), probe)
 
-        def readout(self, z: torch.Tensor) -> torch.Tensor:
-            """The retrieval vector from the normalised embedding: itself, or with the label
-            probabilities appended (weight ``label_readout``) so cases sharing findings rank up."""
-            if cfg.label_readout <= 0 or self.classifier is None:
-                return z
-            p = torch.sigmoid(self.classifier(z)) * cfg.label_readout
-            return torch.nn.functional.normalize(torch.cat([z, p], dim=-1), dim=-1)
+        def readout(self, z: torch.Tensor, probe: torch.Tensor | None = None) -> torch.Tensor:
+            """The retrieval vector from the normalised embedding: itself, or with label
+            probabilities appended so cases sharing findings rank up: the jointly trained
+            classifier's (weight ``label_readout``) and/or the linear probe's (``probe``)."""
+            parts = [z]
+            if cfg.label_readout > 0 and self.classifier is not None:
+                parts.append(torch.sigmoid(self.classifier(z)) * cfg.label_readout)
+            if probe is not None:
+                parts.append(probe)
+            return z if len(parts) == 1 else torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
 
         def attention(self, x: torch.Tensor, anatomy_idx: torch.Tensor) -> torch.Tensor:
             """(B, g, g) attention of the condition's query over the patch grid (sums to 1)."""
@@ -122,6 +176,33 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             return attn.squeeze(1).reshape(-1, g, g)
 
     return AnatomyConditionedNet()
+
+
+def linear_probe(features: int, labels: int) -> Any:
+    """Standardise the tower's pooled features, then one logistic regression per label.
+
+    Why beside the attention head: on a few hundred noisy-label radiographs a strongly
+    regularised linear probe over frozen ImageNet features is what cross-validation found to rank
+    findings best (README, "Real chest X-rays"); the head keeps the anatomy-conditioned spaces and
+    their attention maps. Fitted by ``medrag train`` (scikit-learn), stored in the checkpoint.
+    """
+    import torch
+    from torch import nn
+
+    class _Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(features))
+            self.register_buffer("scale", torch.ones(features))
+            self.linear = nn.Linear(features, labels)
+
+        def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+            mean: torch.Tensor = self.mean  # type: ignore[assignment]
+            scale: torch.Tensor = self.scale  # type: ignore[assignment]
+            out: torch.Tensor = self.linear((pooled - mean) / scale)
+            return out
+
+    return _Probe()
 
 
 def tower_stage_modules(model: Any, cfg: NativeConfig) -> list[Any]:
@@ -228,21 +309,28 @@ class NativeEncoder:
             raise EncoderError(f"{FAMILY}: anatomy {name!r} is not in this checkpoint's vocabulary")
         return self._index[name]
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> Any:  # -> torch.Tensor (n, 1, S, S) in [0, 1]
+    def preprocess(self, images: Sequence[np.ndarray], size: int | None = None) -> Any:  # -> (n, 1, S, S) in [0, 1]
         import torch
 
-        arr = np.stack([resize(i, self.cfg.image_size) for i in images])
+        arr = np.stack([resize(i, size or self.cfg.image_size) for i in images])
         return torch.from_numpy(np.clip(arr, 0.0, 1.0)).unsqueeze(1).float()
 
     def encode_images(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
-        import torch
-
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        idx = torch.full((len(images),), self.anatomy_index(anatomy), dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            z = self.model(self.preprocess(images).to(self.device), idx)
-        return l2_normalise(z.float().cpu().numpy())
+        return self.encode_conditions(images, [anatomy])[anatomy]
+
+    def _pooled(self, images: Sequence[np.ndarray], raw: Any) -> Any:
+        """The probe's input: pooled tower features at ``image_size`` and at each probe size
+        (resized from the original images, not from the smaller input); None without a probe."""
+        import torch
+
+        if self.model.probe is None or self.cfg.probe_weight <= 0:
+            return None
+        parts = [raw.mean(1)]
+        for size in self.cfg.probe_sizes:
+            parts.append(self.model.tower(self.preprocess(images, size).to(self.device)).mean(1))
+        return torch.cat(parts, 1)
 
     def encode_conditions(self, images: Sequence[np.ndarray], anatomies: Sequence[str | None]
                           ) -> dict[str | None, np.ndarray]:
@@ -254,13 +342,16 @@ class NativeEncoder:
             return {a: np.zeros((0, self.dim), dtype=np.float32) for a in anatomies}
         out: dict[str | None, np.ndarray] = {}
         with torch.inference_mode():
-            tok = self.model.tokens(self.preprocess(images).to(self.device))
+            raw = self.model.tower(self.preprocess(images).to(self.device))
+            tok = self.model.to_tokens(raw) + self.model.pos
+            features = self._pooled(images, raw)
             for a in anatomies:
                 idx = torch.full((len(images),), self.anatomy_index(a), dtype=torch.long, device=self.device)
                 q = self.model.queries(idx).unsqueeze(1)
-                pooled, _ = self.model.attn(q, tok, tok, need_weights=False)
-                z = self.model.head(self.model.norm(pooled.squeeze(1) + q.squeeze(1)))
-                z = self.model.readout(torch.nn.functional.normalize(z, dim=-1))
+                attended, _ = self.model.attn(q, tok, tok, need_weights=False)
+                z = self.model.head(self.model.norm(attended.squeeze(1) + q.squeeze(1)))
+                probe = None if features is None else self.model.probe_probs(features, idx)
+                z = self.model.readout(torch.nn.functional.normalize(z, dim=-1), probe)
                 out[a] = l2_normalise(z.float().cpu().numpy())
         return out
 
