@@ -1,5 +1,9 @@
 """Uploaded images: type from content, size/frames/pixel limits before decoding, a decode deadline.
 
+The limits are the shared decode budget (:mod:`retrieval.imaging.budget`, also used by builds):
+the deflated size and every frame's codestream are checked before allocating (413 above them),
+and decodes share one process-wide memory pool sized by ``Settings.decode_memory_bytes``.
+
 A hostile or broken upload must cost a bounded amount of memory and time and end in a 4xx with
 a reason, never a worker stuck decoding a 60 000 x 60 000 "PNG" or a 10 000-frame DICOM.
 Messages name the form field, never the client's file name (it can carry a patient's name).
@@ -13,7 +17,8 @@ import anyio
 import numpy as np
 
 from api.settings import Settings
-from retrieval.imaging.images import ImageLoadError, load_image, sniff
+from retrieval.imaging import budget as _budget
+from retrieval.imaging.images import ImageLoadError, ImageTooLarge, load_image, sniff
 
 
 class UploadError(ValueError):
@@ -22,6 +27,12 @@ class UploadError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+def decode_budget(settings: Settings) -> _budget.DecodeBudget:
+    """The shared decode budget with this service's limits."""
+    return _budget.DecodeBudget(max_pixels=settings.max_upload_pixels, max_frames=settings.max_upload_frames,
+                                max_bytes=settings.max_decode_bytes, max_file_bytes=settings.max_upload_bytes)
 
 
 def check(data: bytes, field: str, settings: Settings) -> str:
@@ -34,6 +45,10 @@ def check(data: bytes, field: str, settings: Settings) -> str:
     if kind is None:
         raise UploadError(f"{field}: not a PNG, JPEG or DICOM file (checked by content)", 415)
     if kind == "dicom":
+        try:  # a deflated dataset is inflated (counted, not kept) before anything parses it
+            _budget.check_dicom_bytes(data, field, decode_budget(settings))
+        except _budget.BudgetExceeded as exc:
+            raise UploadError(str(exc), 413) from exc
         _check_dicom_header(data, field, settings)
     else:
         _check_raster_header(data, field, settings)
@@ -71,11 +86,17 @@ def _check_raster_header(data: bytes, field: str, settings: Settings) -> None:
 async def decode(data: bytes, field: str, settings: Settings) -> np.ndarray:
     """Check, then decode in a worker thread under a deadline."""
     check(data, field, settings)
+    _budget.configure_pool(settings.decode_memory_bytes)
+    budget = decode_budget(settings)
     try:
         with anyio.fail_after(settings.decode_timeout_s):
-            return await anyio.to_thread.run_sync(lambda: load_image(data, name=field), abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                lambda: load_image(data, name=field, budget=budget, wait=settings.decode_timeout_s),
+                abandon_on_cancel=True)
     except TimeoutError as exc:
         raise UploadError(f"{field}: decoding took longer than {settings.decode_timeout_s:.0f}s", 422) from exc
+    except ImageTooLarge as exc:
+        raise UploadError(str(exc), 413) from exc
     except ImageLoadError as exc:
         raise UploadError(str(exc)) from exc
 

@@ -41,8 +41,8 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
     """Query vectors and PNG uploads taken from the index itself."""
     from PIL import Image
 
+    from indexer.phi import stored_image_path
     from retrieval.imaging.images import ImageLoadError, load_image
-    from retrieval.imaging.paths import resolve_image
     from retrieval.index import SearchFilter, open_index
 
     index = open_index(uri)
@@ -56,12 +56,14 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
         uploads = []
         for p in pick[:32]:
             try:
-                arr = load_image(resolve_image(str(Payload.of(p.payload).image), index.meta.image_root))
+                arr = load_image(stored_image_path(str(Payload.of(p.payload).image), uri, index.meta.image_root))
             except ImageLoadError:
                 continue
             buf = io.BytesIO()
             Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
             uploads.append(buf.getvalue())
+        if not uploads:
+            raise ValueError(f"{uri}: none of the index's images could be read back for upload queries")
         return vectors, uploads
     finally:
         index.close()

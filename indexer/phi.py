@@ -19,10 +19,13 @@ unless the caller allows them explicitly.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import logging
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from retrieval.settings import env
@@ -111,3 +114,72 @@ def deidentify(header: dict[str, Any], policy: PhiPolicy) -> dict[str, Any]:
         if header.get(attr) not in (None, ""):
             out[attr] = header[attr]
     return out
+
+
+# ---- image references: paths never leave the build ---------------------------------------------
+# A DICOM export path names the patient ("export/MRN-8675300_Smith_John/img.dcm"). Payloads,
+# segments, `medrag search` output and API answers carry only a keyed, opaque reference; the
+# reference -> path map is recomputed from the build's private state (``published.jsonl`` in the
+# index's state directory, which holds the absolute paths for incremental builds anyway) by the
+# readers that must open the file: the server's thumbnails and attention maps, the CLI heat-maps.
+IMAGE_REF_PREFIX = "img-"
+
+
+@functools.lru_cache(maxsize=4)
+def _ref_policy(key: str | None) -> PhiPolicy:
+    return PhiPolicy((key or DEFAULT_KEY).encode())
+
+
+def image_ref(path: str, key: str | None = None) -> str:
+    """Opaque, stable reference of the image at absolute ``path`` (HMAC with ``MEDRAG_PHI_KEY``)."""
+    policy = _ref_policy(key if key is not None else env().phi_key)
+    return IMAGE_REF_PREFIX + policy.pseudonym(path, "image")
+
+
+def is_image_ref(ref: str) -> bool:
+    return ref.startswith(IMAGE_REF_PREFIX) and "/" not in ref and "\\" not in ref
+
+
+def image_paths(state: Path, key: str | None = None) -> dict[str, str]:
+    """reference -> absolute path of every image of the published version under ``state``
+    (empty when nothing was published there). Private to the build and the server: never
+    returned to a client, never logged."""
+    from indexer.manifest import read_manifest
+
+    published = state / "published.jsonl"
+    if not published.exists():
+        return {}
+    return {image_ref(p, key): p for s in read_manifest(published) for p in s.images}
+
+
+_maps: dict[str, tuple[float, dict[str, str]]] = {}
+_maps_lock = threading.Lock()
+
+
+def stored_image_path(ref: str, uri: str, image_root: str | None, state: Path | None = None) -> Path:
+    """The file behind a payload's ``image``: an opaque reference is looked up in the build's
+    private map (state directory of ``uri``, reread when a new version is published); an older
+    index's relative path goes through the guarded resolver.
+
+    Raises:
+        ImagePathError: unknown reference, or a path leaving ``image_root``.
+    """
+    from retrieval.imaging.paths import ImagePathError, resolve_image
+
+    if not is_image_ref(ref):
+        return resolve_image(ref, image_root)
+    if state is None:
+        from indexer.build import state_dir_for
+
+        state = state_dir_for(uri)
+    published = state / "published.jsonl"
+    stamp = published.stat().st_mtime if published.exists() else -1.0
+    with _maps_lock:
+        cached = _maps.get(str(state))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, image_paths(state))
+            _maps[str(state)] = cached
+    path = cached[1].get(ref)
+    if path is None:
+        raise ImagePathError("image reference not in this build's image map")
+    return Path(path)

@@ -25,16 +25,37 @@ How a finding mention gets its attributes:
   ("left lower lobe atelectasis"), else the finding's default anatomy made lateral by a side word
   ("left effusion" -> left pleura, "bibasilar atelectasis" -> both lower lobes).
 * Normal statements ("the lungs are clear", "heart size is normal") become negated entities.
+
+Cost is linear in the report's length: every cue, side word and anatomy is looked for within
+:data:`CONTEXT_CHARS` of a mention inside its clause (a clause-free 72 KB report used to cost
+O(mentions x clause) and took 50-90 s), and reports longer than :data:`MAX_REPORT_CHARS` are
+mined from their first :data:`MAX_REPORT_CHARS` characters with a logged warning (or
+:class:`ReportTooLong` with ``strict=True``).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from retrieval.records import ABSENT, PRESENT, UNCERTAIN, Label, LabelKey, Status, Study, collapse
 from retrieval.taxonomy import Taxonomy, default_taxonomy
+
+log = logging.getLogger(__name__)
+
+# A radiology report is a few KB (IU X-ray's longest is under 2 KB); 100,000 characters is far
+# beyond any real one and still mined in about a second. Longer text is truncated (warning).
+MAX_REPORT_CHARS = 100_000
+# How far from a mention (inside its clause) cues, side words and anatomies are looked for. NegEx
+# uses a few words; 400 characters is several sentences' worth and never changes a real report.
+CONTEXT_CHARS = 400
+
+
+class ReportTooLong(ValueError):
+    """A report over :data:`MAX_REPORT_CHARS` given to ``extract(..., strict=True)``."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +178,20 @@ class EntityExtractor:
         ]
 
     # ---- public ----------------------------------------------------------------------------
-    def extract(self, report: str | None) -> list[Entity]:
-        """All entities of ``report``; an empty or missing report gives an empty list."""
+    def extract(self, report: str | None, *, strict: bool = False) -> list[Entity]:
+        """All entities of ``report``; an empty or missing report gives an empty list.
+
+        Above :data:`MAX_REPORT_CHARS` only the first :data:`MAX_REPORT_CHARS` characters are
+        mined and a warning is logged (the length only, never text); with ``strict`` it raises
+        :class:`ReportTooLong` instead.
+        """
         if not report or not report.strip():
             return []
+        if len(report) > MAX_REPORT_CHARS:
+            if strict:
+                raise ReportTooLong(f"report of {len(report)} characters exceeds the {MAX_REPORT_CHARS}-character limit")
+            log.warning("report of %d characters: entities mined from the first %d only", len(report), MAX_REPORT_CHARS)
+            report = report[:MAX_REPORT_CHARS]
         lower = report.lower()
         out: list[Entity] = []
         weak: set[int] = set()  # ids of weak (indirect) mentions
@@ -170,8 +201,11 @@ class EntityExtractor:
 
     def sentence_entities(self, report: str | None) -> list[tuple[Sentence, list[Entity]]]:
         """Each sentence with the entities stated in it (for drafting and highlighting)."""
-        ents = self.extract(report)
-        return [(s, [e for e in ents if e.sentence == s.index]) for s in split_sentences(report or "")]
+        report = (report or "")[:MAX_REPORT_CHARS]
+        by_sentence: dict[int, list[Entity]] = {}
+        for e in self.extract(report):
+            by_sentence.setdefault(e.sentence, []).append(e)
+        return [(s, by_sentence.get(s.index, [])) for s in split_sentences(report)]
 
     def normal_statements(self, text: str) -> list[tuple[str, tuple[str, ...]]]:
         """The normal statements in ``text`` ("the lungs are clear"): (anatomy, findings stated
@@ -192,38 +226,48 @@ class EntityExtractor:
         if not weak:
             return ents
         tax = self.tax
-        explicit_absent = [e for e in ents if e.negated and id(e) not in weak]
+        explicit_absent = {(e.finding, e.anatomy) for e in ents if e.negated and id(e) not in weak}
 
         def overruled(e: Entity) -> bool:
-            return any(a.finding == e.finding and tax.is_within(e.anatomy, a.anatomy) for a in explicit_absent)
+            return any(f == e.finding and tax.is_within(e.anatomy, a) for f, a in explicit_absent)
 
         return [e for e in ents if id(e) not in weak or e.negated or not overruled(e)]
 
     def _sentence(self, lower: str, sent: Sentence, weak: set[int] | None = None) -> list[Entity]:
         text = lower[sent.start : sent.end]
         finds = _longest(_matches(self._findings, text))
-        anats = [a for a in _longest(_matches(self._anatomies, text)) if not _overlaps(a, finds)]
+        find_spans = _Spans(finds)
+        anats = [a for a in _longest(_matches(self._anatomies, text)) if not find_spans.overlaps(a[1], a[2])]
+        anat_starts = [a[1] for a in anats]
+        find_starts = [f[1] for f in finds]
         clauses = _clauses(text)
+        clause_starts = [a for a, _ in clauses]
         names = {n for n, _, _ in finds}
         foreign = "foreign body" in names
+        # spans naming a cause of blunting (or an effusion itself), once per sentence
+        causes = {(a, b) for n, a, b in finds
+                  if n in _BLUNT_CAUSES or (n == "effusion" and not _BLUNT.search(text[a:b]))}
         out: list[Entity] = []
         for name, s, e in finds:
             mention = text[s:e]
             is_weak = name == "effusion" and bool(_BLUNT.search(mention))
-            if is_weak and any(n in _BLUNT_CAUSES or (n == "effusion" and not _BLUNT.search(text[a:b]))
-                               for n, a, b in finds if (a, b) != (s, e)):
+            if is_weak and causes - {(s, e)}:
                 continue  # "blunting ... represents pleural thickening": the cause is stated
             if name in _DENSITY_FINDINGS and foreign:
                 continue  # "metallic density ..., a foreign body": not a lung finding
-            c0, c1 = next(((a, b) for a, b in clauses if a <= s < b), (0, len(text)))
+            i = bisect_right(clause_starts, s) - 1
+            c0, c1 = clauses[i] if i >= 0 and s < clauses[i][1] else (0, len(text))
+            # cues count within CONTEXT_CHARS of the mention only: linear time on clause-free text
+            c0, c1 = max(c0, s - CONTEXT_CHARS), min(c1, e + CONTEXT_CHARS)
             clause = text[c0:c1]
             before, after = text[c0:s], text[e:c1]
             negated = (_negated(before, after) or bool(_NEG_LIMITS.match(after))
                        or bool(re.search(r"\bnot\b", mention)))  # "the heart is not enlarged"
-            uncertain = _uncertain(before, after, clause, first=not any(
-                c0 <= fs < s for _, fs, _ in finds))
+            uncertain = _uncertain(before, after, clause,
+                                   first=bisect_left(find_starts, c0) >= bisect_left(find_starts, s))
             f = self.tax.findings[name]
-            places = self._place(f.anatomy, s, e, text, c0, c1, anats)
+            near = anats[bisect_left(anat_starts, c0):bisect_left(anat_starts, c1)]
+            places = self._place(f.anatomy, s, e, text, c0, c1, near)
             if name in _DENSITY_FINDINGS and any(self.tax.is_within(p, "soft tissues") for p in places):
                 continue  # a density in the soft tissues is not a lung finding
             for anatomy in places:
@@ -260,7 +304,7 @@ class EntityExtractor:
     def _place(self, default: str, s: int, e: int, text: str, c0: int, c1: int,
                anats: list[tuple[str, int, int]]) -> list[str]:
         tax = self.tax
-        near = [a for a in anats if c0 <= a[1] < c1]
+        near = [a for a in anats if c0 <= a[1] < c1]  # callers pass the clause's anatomies already
         place = default
         # a side word or another system's lateral part across a comma belongs to another list item
         sides = [(m.group(1), m.start() + c0, m.end() + c0) for m in _SIDE.finditer(text[c0:c1])
@@ -304,12 +348,42 @@ def _matches(table: Iterable[tuple[str, re.Pattern[str]]], text: str) -> list[tu
 
 
 def _longest(hits: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-    """Keep the longest of overlapping matches ("pleural thickening" over "thickening")."""
+    """Keep the longest of overlapping matches ("pleural thickening" over "thickening").
+
+    Matches with the same span are all kept (two findings named by one phrase)."""
     kept: list[tuple[str, int, int]] = []
+    spans = _Spans([])
     for h in sorted(hits, key=lambda h: (-(h[2] - h[1]), h[1])):
-        if not any(h[1] < k[2] and k[1] < h[2] and (h[1], h[2]) != (k[1], k[2]) for k in kept):
+        if not spans.overlaps(h[1], h[2], same_ok=True):
             kept.append(h)
+            spans.add(h[1], h[2])
     return sorted(kept, key=lambda h: h[1])
+
+
+class _Spans:
+    """Non-overlapping (start, end) spans, sorted, with an O(log n) overlap test."""
+
+    def __init__(self, items: list[tuple[str, int, int]]) -> None:
+        self.spans = sorted({(s, e) for _, s, e in items})
+        self.ends = [e for _, e in self.spans]
+
+    def add(self, s: int, e: int) -> None:
+        i = bisect_left(self.spans, (s, e))
+        if i < len(self.spans) and self.spans[i] == (s, e):
+            return
+        self.spans.insert(i, (s, e))
+        self.ends.insert(i, e)
+
+    def overlaps(self, s: int, e: int, same_ok: bool = False) -> bool:
+        # spans are disjoint (or equal), so ends rise with starts: the first span ending after s
+        # is the only candidate, plus the one after it when that first one is (s, e) itself
+        i = bisect_right(self.ends, s)
+        for ks, ke in self.spans[i:i + 2]:
+            if ks >= e:
+                return False
+            if not (same_ok and (ks, ke) == (s, e)):
+                return True
+        return False
 
 
 def _overlaps(a: tuple[str, int, int], others: list[tuple[str, int, int]]) -> bool:

@@ -147,9 +147,9 @@ def test_rerun_reuses_segments_and_incremental_add_delete(synth, tmp_path):
     # thumbnails still resolve: payload image paths point at the same files
     ix = open_index(uri)
     p = ix.find(SearchFilter(study_ids=[studies[105].study_id]))[0].payload
-    from api.app import resolve_image
+    from indexer.phi import stored_image_path
 
-    assert resolve_image(p["image"], ix.meta.image_root).is_file()
+    assert stored_image_path(p["image"], uri, ix.meta.image_root).is_file()
     ix.close()
     with pytest.raises(ValueError, match="not in the index: nope"):
         delete_studies(uri, ["nope"])

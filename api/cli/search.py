@@ -51,7 +51,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
     else:
         res = searcher.reports_by_text(a.text, q) if a.reports else searcher.by_text(a.text, q)
     if a.heatmaps:
-        paths = _heatmaps(a.heatmaps, searcher, index, images, a.anatomy, res.hits)
+        paths = _heatmaps(a.heatmaps, searcher, index, images, a.anatomy, res.hits, a.index)
     if a.json:
         print(msgspec.json.format(msgspec.json.encode(res), indent=1).decode())
         return 0
@@ -61,7 +61,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
         print("no matching cases")
     for rank, h in enumerate(res.hits, 1):
         print(f"{rank:2d}. {h.score:+.4f}  study {h.study_id}  {h.modality or '-'}  {h.study_date or ''}  "
-              f"{h.image or '(report only)'}")
+              f"{h.image or '(report only)'}")  # an opaque image reference, never a path
         if h.matched_entities:
             print(f"      entities: {', '.join(str(e) for e in h.matched_entities)}")
         if h.labels is not None:  # a labelled set: what the case is labelled with
@@ -75,13 +75,13 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
 
 def _heatmaps(out_dir: str, searcher: Any, index: Any, images: list[Any], anatomy: str,
-              hits: list[Any]) -> list[str]:
+              hits: list[Any], uri: str) -> list[str]:
     """query_<i>.png and hit_<rank>_<study>.png: the anatomy query's attention over each image."""
     from pathlib import Path
 
+    from indexer.phi import stored_image_path
     from retrieval.imaging.images import load_image
     from retrieval.imaging.overlay import overlay_png
-    from retrieval.imaging.paths import resolve_image
 
     enc: Any = getattr(searcher, "image_encoder", None)
     if not hasattr(enc, "attention_maps"):
@@ -93,7 +93,7 @@ def _heatmaps(out_dir: str, searcher: Any, index: Any, images: list[Any], anatom
     root = getattr(getattr(index, "meta", None), "image_root", None)
     for rank, h in enumerate(hits, 1):
         if getattr(h, "image", None):
-            named.append((f"hit_{rank:02d}_{h.study_id}.png", load_image(resolve_image(h.image, root))))
+            named.append((f"hit_{rank:02d}_{h.study_id}.png", load_image(stored_image_path(h.image, uri, root))))
     for name, img in named:
         (out / name).write_bytes(overlay_png(img, enc.attention_maps([img], anatomy=anatomy)[0]))
         written.append(str(out / name))

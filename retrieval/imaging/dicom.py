@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.imaging import budget as _budget
+from retrieval.imaging.budget import BudgetExceeded, DecodeBudget
+
 MAX_PIXELS = 64_000_000  # rows * columns * frames refused above this (hostile or broken headers)
 
 
@@ -39,7 +42,10 @@ _KEEP = ("Modality", "BodyPartExamined", "ViewPosition", "StudyInstanceUID", "Se
 
 def read_header(source: str | Path | bytes) -> dict[str, Any]:
     """The attributes medrag uses, without decoding pixels (fast, for grouping studies)."""
-    ds = _dcmread(source, stop_before_pixels=True)
+    try:
+        ds = _dcmread(source, stop_before_pixels=True)
+    except BudgetExceeded as exc:
+        raise DicomDecodeError(str(exc)) from exc
     try:
         return _header(ds)  # pydicom parses values lazily: a broken element fails here
     except Exception as exc:
@@ -47,18 +53,27 @@ def read_header(source: str | Path | bytes) -> dict[str, Any]:
         raise DicomDecodeError(f"{label}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_dicom(source: str | Path | bytes, name: str | None = None) -> DicomImage:
+def decode_dicom(source: str | Path | bytes, name: str | None = None,
+                 budget: DecodeBudget = _budget.DEFAULT, wait: float | None = None) -> DicomImage:
     """Decode one DICOM object (path or bytes) into a :class:`DicomImage`.
+
+    The decode budget is checked against the deflated size and every frame's codestream (SIZ,
+    SOFn) before pixels are decoded, and the decode holds its working memory from the
+    process-wide pool (waiting at most ``wait`` seconds).
 
     Raises:
         DicomDecodeError: not DICOM, no pixel data, unsupported or corrupt encoding, or
             dimensions beyond :data:`MAX_PIXELS`.
+        BudgetExceeded: declared, codestream or inflated size over ``budget``.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
-    ds = _dcmread(source, stop_before_pixels=False, label=label)
+    ds = _dcmread(source, stop_before_pixels=False, label=label, budget=budget)
     try:
-        return _decode(ds, label)
-    except DicomDecodeError:
+        declared = _budget.dicom_size(ds)
+        _budget.check(declared, label, budget)
+        with _budget.reserve(declared, label, wait):
+            return _decode(ds, label)
+    except (DicomDecodeError, BudgetExceeded, TimeoutError):
         raise
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
@@ -124,7 +139,24 @@ def is_dicom(head: bytes) -> bool:
 
 
 # ---- internals -------------------------------------------------------------------------------
-def _dcmread(source: str | Path | bytes, stop_before_pixels: bool, label: str | None = None) -> Any:
+def _guard(source: str | Path | bytes, label: str, budget: DecodeBudget) -> str | Path | bytes:
+    """Refuse special files and deflate bombs before pydicom reads anything (it would block on a
+    FIFO, read /dev/zero forever, and inflate a deflated dataset whole in one call)."""
+    if isinstance(source, bytes):
+        _budget.check_dicom_bytes(source, label, budget)
+        return source
+    _budget.check_regular(source, label)
+    with open(source, "rb") as f:
+        head = f.read(1 << 16)
+    if _budget.dicom_transfer_syntax(head)[0] == _budget.DEFLATED_TS:
+        data = _budget.read_regular(source, label, budget)
+        _budget.check_dicom_bytes(data, label, budget)
+        return data
+    return source
+
+
+def _dcmread(source: str | Path | bytes, stop_before_pixels: bool, label: str | None = None,
+             budget: DecodeBudget = _budget.DEFAULT) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -133,6 +165,14 @@ def _dcmread(source: str | Path | bytes, stop_before_pixels: bool, label: str | 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     label = label or (str(source) if not isinstance(source, bytes) else "<upload>")
+    try:
+        source = _guard(source, label, budget)
+    except FileNotFoundError as exc:
+        raise DicomDecodeError(f"{label}: file not found") from exc
+    except _budget.NotRegularFile as exc:
+        raise DicomDecodeError(str(exc)) from exc
+    except OSError as exc:
+        raise DicomDecodeError(f"{label}: cannot read ({exc.strerror})") from exc
     try:
         fp: Any = io.BytesIO(source) if isinstance(source, bytes) else str(source)
         return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)

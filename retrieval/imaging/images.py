@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.imaging import budget as _budget
+from retrieval.imaging.budget import BudgetExceeded, DecodeBudget
 from retrieval.imaging.dicom import DicomDecodeError, decode_dicom, is_dicom
 
 MAX_SIDE = 16384  # refuse decompression bombs before decoding
@@ -20,6 +22,11 @@ MIN_SIDE = 8
 
 class ImageLoadError(ValueError):
     """An image that cannot be loaded; the message names the file and the reason."""
+
+
+class ImageTooLarge(ImageLoadError):
+    """Over the decode budget (declared pixels, codestream size, inflated size, file size or
+    decode memory): the API answers 413, a build skips the file."""
 
 
 def sniff(head: bytes) -> str | None:
@@ -33,18 +40,34 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+def load_image(source: str | Path | bytes, name: str | None = None,
+               budget: DecodeBudget = _budget.DEFAULT, wait: float | None = None) -> np.ndarray:
     """Decode ``source`` into float32 (H, W) in [0, 1].
 
+    Sizes are checked against ``budget`` before decoding (see :mod:`retrieval.imaging.budget`),
+    special files (FIFO, /dev/zero) are refused without being opened for a blocking read, and the
+    decode holds its working memory from the process-wide pool (waiting at most ``wait`` s).
+
     Raises:
-        ImageLoadError: missing file, unknown format, corrupt data, or sizes out of bounds.
+        ImageTooLarge: over the decode budget.
+        ImageLoadError: missing or special file, unknown format, corrupt data, or sizes out of bounds.
+        TimeoutError: no decode memory became free within ``wait`` seconds.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
+    try:
+        return _load(source, label, budget, wait)
+    except BudgetExceeded as exc:
+        raise ImageTooLarge(str(exc)) from exc
+
+
+def _load(source: str | Path | bytes, label: str, budget: DecodeBudget, wait: float | None) -> np.ndarray:
     if isinstance(source, bytes):
         data = source
     else:
         try:
-            data = Path(source).read_bytes()
+            data = _budget.read_regular(source, label, budget)
+        except _budget.NotRegularFile as exc:
+            raise ImageLoadError(str(exc)) from exc
         except FileNotFoundError as exc:
             raise ImageLoadError(f"{label}: file not found") from exc
         except OSError as exc:
@@ -54,11 +77,17 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         raise ImageLoadError(f"{label}: not a PNG, JPEG or DICOM file")
     if kind == "dicom":
         try:
-            arr = decode_dicom(data, name=label).pixels
+            arr = decode_dicom(data, name=label, budget=budget, wait=wait).pixels
         except DicomDecodeError as exc:
             raise ImageLoadError(str(exc)) from exc
     else:
-        arr = _load_raster(data, label)
+        declared = _budget.raster_size(data)
+        if declared is not None:
+            _budget.check(declared, label, budget)
+            with _budget.reserve(declared, label, wait):
+                arr = _load_raster(data, label)
+        else:
+            arr = _load_raster(data, label)
     h, w = arr.shape
     if min(h, w) < MIN_SIDE:
         raise ImageLoadError(f"{label}: image too small ({w}x{h})")
