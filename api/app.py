@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
@@ -33,18 +33,21 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.config import OpenAPIConfig
-from litestar.params import FromPath, FromQuery, JSONBody, MultipartBody
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, FromQuery, JSONBody, MultipartBody, Parameter
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.static_files import create_static_files_router
 
 from api.keys import KeyStore
 from api.schemas import (
+    K_MAX,
     CaseDetail,
     CaseOut,
     DraftForm,
     DraftOut,
     DraftSentenceOut,
     EntityOut,
+    ErrorOut,
     Health,
     Highlight,
     ImageSearchForm,
@@ -55,7 +58,8 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.uploads import UploadError, decode
-from retrieval.imaging.paths import ImagePathError, resolve_image
+from indexer.phi import stored_image_path
+from retrieval.imaging.paths import ImagePathError
 from retrieval.records import Label, Payload
 
 STATIC = Path(__file__).parent / "static"
@@ -147,7 +151,7 @@ class Service:
         if not 0 <= n < len(images):
             raise NotFound(f"study {study_id!r} has no image {n}")
         try:
-            path = resolve_image(images[n], self.index.meta.image_root)
+            path = stored_image_path(images[n], self.settings.index, self.index.meta.image_root)
         except ImagePathError as exc:
             raise NotFound("stored image path leaves the image root") from exc
         try:
@@ -191,11 +195,84 @@ def _service(state: State) -> Service:
 
 
 async def _blocking(svc: Service, fn):
-    def locked():
-        with svc.lock:
-            return fn()
+    """Run a model/index call in a worker thread. No global lock: the searcher's index and image
+    encoder are wrapped by :mod:`api.batching` (concurrent searches share one engine call,
+    encoder forwards are batched), FAISS reads are thread-safe and other engines are locked there."""
+    return await anyio.to_thread.run_sync(fn)
 
-    return await anyio.to_thread.run_sync(locked)
+
+def _fit_schema(app: Litestar, svc: Service) -> None:
+    """State the served index's own constraints in the OpenAPI schema, once it is open.
+
+    The vector length, the space names, the anatomy and finding vocabulary and whether text search
+    can be answered depend on the index, not on the code; a schema that leaves them open lets a
+    client (or schemathesis) send schema-valid requests that must then be refused.
+    """
+    from litestar.openapi.spec import OpenAPIType, Schema
+    from litestar.openapi.spec import Parameter as OpenAPIParameter
+
+    from retrieval.encoders import is_joint
+    from retrieval.index import REPORT
+
+    api = app.openapi_schema
+    meta = svc.index.meta
+    vocab = {"anatomy": ["", *sorted(svc.tax.anatomies)], "finding": ["", *sorted(svc.tax.findings)]}
+
+    def enum(sch: Any, values: list[str]) -> None:
+        if not isinstance(sch, Schema):
+            return
+        if sch.type == "string" or getattr(sch.type, "value", None) == "string":
+            sch.enum = list(values)
+        for sub in [*(sch.one_of or []), *(sch.any_of or [])]:
+            enum(sub, values)
+
+    for name, sch in (api.components.schemas or {}).items():
+        props = sch.properties or {}
+        for key, values in vocab.items():
+            if key in props:
+                enum(props[key], values)
+        if name.endswith(("VectorSearchIn", "TextSearchIn")):  # forbid_unknown_fields=True
+            sch.additional_properties = False
+        if name.endswith("VectorSearchIn"):
+            enum(props["space"], sorted(meta.spaces))
+            by_dim: dict[int, list[str]] = {}
+            for space_name, dim in meta.spaces.items():
+                by_dim.setdefault(dim, []).append(space_name)
+            # one variant per vector length: its spaces, exactly that many numbers ("space" may be
+            # left out only in the variant holding the default space, "image")
+            sch.one_of = [Schema(type=OpenAPIType.OBJECT, required=["vector"] if "image" in names else ["vector", "space"],
+                                 properties={"space": Schema(type=OpenAPIType.STRING, enum=sorted(names)),
+                                             "vector": Schema(type=OpenAPIType.ARRAY, min_items=dim, max_items=dim)})
+                          for dim, names in by_dim.items()]
+        if name.endswith("TextSearchIn"):
+            targets = (["images"] if is_joint(svc.searcher.image_encoder) else []) + \
+                (["reports"] if svc.searcher.text_encoder is not None and REPORT in meta.spaces else [])
+            if targets:
+                enum(props["target"], ["auto", *targets])
+            elif api.paths:  # this index answers no text query: the route is not offered
+                api.paths.pop("/api/search/text", None)
+    for item in (api.paths or {}).values():
+        for op in (item.get, item.post):
+            for prm in (op.parameters or []) if op else []:
+                if isinstance(prm, OpenAPIParameter) and prm.name in vocab and prm.param_in == "query":
+                    enum(prm.schema, vocab[prm.name])
+
+
+def _one_at_a_time(svc: Service, fn):
+    """Drafting drives the generator (a local VLM and its tokenizer are not safe to share between
+    threads): drafts run one at a time; searches do not wait for them."""
+    with svc.lock:
+        return fn()
+
+
+def _concurrent(svc: Service) -> None:
+    """Thread budgets and micro-batching for the shared searcher (call again after a reload
+    replaces ``svc.searcher``; it is idempotent)."""
+    from api.batching import install, set_thread_budgets
+
+    s = svc.settings
+    set_thread_budgets(s.torch_threads, s.faiss_threads)
+    install(svc.searcher, max_batch=s.batch_max, wait_s=s.batch_wait_ms / 1000)
 
 
 def _query(svc: Service, k: int, **kw: Any):
@@ -214,6 +291,19 @@ def _modalities(value: str | list[str] | None) -> tuple[str, ...] | None:
 
 
 # ---- routes ----------------------------------------------------------------------------------------
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    """The error responses a route can give, declared in the OpenAPI schema (body: ErrorOut)."""
+    why = {400: "invalid query (names the culprit)", 401: "missing or invalid API key",
+           404: "no such study, image or route", 413: "upload or body too large",
+           415: "upload is not a PNG, JPEG or DICOM file", 422: "upload cannot be decoded in time",
+           502: "the generator server failed", 503: "the index is not open (reason in the body)"}
+    return {c: ResponseSpec(ErrorOut, description=why[c]) for c in codes}
+
+
+_API = (400, 401, 503)  # every /api data route
+_UPLOAD = (*_API, 413, 415, 422)
+
+
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def page() -> Response:
     return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML)
@@ -243,13 +333,13 @@ async def ready(state: State) -> Response:
     return Response({"ready": ok}, status_code=200 if ok else 503)
 
 
-@get("/api/taxonomy", guards=[require_key], tags=["search"])
+@get("/api/taxonomy", guards=[require_key], tags=["search"], responses=_errors(401, 503))
 async def taxonomy(state: State) -> Taxonomy:
     svc = _service(state)
     return Taxonomy(sorted(svc.tax.anatomies), list(svc.index.meta.conditioning), sorted(svc.tax.findings))
 
 
-@post("/api/search/image", status_code=200, guards=[require_key], tags=["search"])
+@post("/api/search/image", status_code=200, guards=[require_key], tags=["search"], responses=_errors(*_UPLOAD))
 async def search_image(state: State, data: MultipartBody[ImageSearchForm]
                        ) -> SearchOut:
     """Search by an uploaded image (PNG, JPEG or DICOM), optionally conditioned on an anatomy."""
@@ -263,19 +353,21 @@ async def search_image(state: State, data: MultipartBody[ImageSearchForm]
     return svc.search_out(res, time.perf_counter() - t0)
 
 
-@get("/api/studies/{study_id:str}/similar", guards=[require_key], tags=["search"])
+@get("/api/studies/{study_id:str}/similar", guards=[require_key], tags=["search"], responses=_errors(*_API, 404))
 async def search_study(state: State, study_id: FromPath[str], anatomy: FromQuery[str | None] = None,
-                       finding: FromQuery[str | None] = None, k: FromQuery[int] = 10,
+                       finding: FromQuery[str | None] = None,
+                       k: Annotated[int, Parameter(ge=1, le=K_MAX)] = 10,
                        other_patients: FromQuery[bool] = False) -> SearchOut:
     """Cases similar to a study already in the index."""
     svc = _service(state)
     q = _query(svc, k, anatomy=anatomy, finding=finding)
     t0 = time.perf_counter()
+    await _blocking(svc, lambda: svc.study_points(study_id))  # an unknown study is a 404, not a bad query
     res = await _blocking(svc, lambda: svc.searcher.by_study(study_id, q, same_patient=not other_patients))
     return svc.search_out(res, time.perf_counter() - t0)
 
 
-@post("/api/search/text", status_code=200, guards=[require_key], tags=["search"])
+@post("/api/search/text", status_code=200, guards=[require_key], tags=["search"], responses=_errors(*_API))
 async def search_text(state: State, data: JSONBody[TextSearchIn]) -> SearchOut:
     """Free text -> images (joint encoders) or -> reports (report embeddings)."""
     from retrieval.encoders import is_joint
@@ -302,18 +394,22 @@ async def search_text(state: State, data: JSONBody[TextSearchIn]) -> SearchOut:
     return svc.search_out(res, time.perf_counter() - t0)
 
 
-@post("/api/search/vector", status_code=200, guards=[require_key], tags=["search"])
+@post("/api/search/vector", status_code=200, guards=[require_key], tags=["search"], responses=_errors(*_API))
 async def search_vector(state: State, data: JSONBody[VectorSearchIn]) -> SearchOut:
     """A query vector the client computed, against one stored space."""
     svc = _service(state)
     q = _query(svc, data.k, finding=data.finding, modality=_modalities(data.modality),
                exclude_patient_id=data.exclude_patient)
     t0 = time.perf_counter()
-    res = await _blocking(svc, lambda: svc.searcher.by_vector(data.vector, data.space, q))
+    vec = np.asarray(data.vector, dtype=np.float64)
+    top = float(np.abs(vec).max()) if vec.size and np.isfinite(vec).all() else 0.0
+    if top > 0:  # cosine search ignores scale; 1e308 must not overflow float32 into inf
+        vec = vec / top
+    res = await _blocking(svc, lambda: svc.searcher.by_vector(vec, data.space, q))
     return svc.search_out(res, time.perf_counter() - t0)
 
 
-@get("/api/cases/{study_id:str}", guards=[require_key], tags=["cases"])
+@get("/api/cases/{study_id:str}", guards=[require_key], tags=["cases"], responses=_errors(*_API, 404))
 async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
     svc = _service(state)
     pts = await _blocking(svc, lambda: svc.study_points(study_id))
@@ -327,7 +423,8 @@ async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
                       svc.highlights(report, []), [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])
 
 
-@get("/api/cases/{study_id:str}/images/{n:int}", guards=[require_key], tags=["cases"], media_type="image/png")
+@get("/api/cases/{study_id:str}/images/{n:int}", guards=[require_key], tags=["cases"], media_type="image/png",
+     responses=_errors(*_API, 404))
 async def case_image(state: State, study_id: FromPath[str], n: FromPath[int]) -> Response:
     """A thumbnail rendered server-side from the stored image (DICOM windowed)."""
     svc = _service(state)
@@ -336,7 +433,7 @@ async def case_image(state: State, study_id: FromPath[str], n: FromPath[int]) ->
 
 
 @get("/api/cases/{study_id:str}/images/{n:int}/attention", guards=[require_key], tags=["cases"],
-     media_type="image/png")
+     media_type="image/png", responses=_errors(*_API, 404))
 async def case_attention(state: State, study_id: FromPath[str], n: FromPath[int], anatomy: FromQuery[str]) -> Response:
     """Where the anatomy's conditioned query looks on a stored image: a heat-map overlay (PNG)."""
     svc = _service(state)
@@ -344,7 +441,7 @@ async def case_attention(state: State, study_id: FromPath[str], n: FromPath[int]
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-@post("/api/draft", status_code=200, guards=[require_key], tags=["draft"])
+@post("/api/draft", status_code=200, guards=[require_key], tags=["draft"], responses=_errors(*_UPLOAD, 502))
 async def draft(state: State, data: MultipartBody[DraftForm]) -> DraftOut:
     """Draft a comparative report from retrieved analog cases (and a prior, when given)."""
     from retrieval.rag.draft import draft_report
@@ -354,9 +451,9 @@ async def draft(state: State, data: MultipartBody[DraftForm]) -> DraftOut:
     prior_imgs = [await decode(await data.prior_image.read(), "prior_image", svc.settings)] if data.prior_image else []
     q = _query(svc, data.k, anatomy=data.anatomy or None, finding=data.finding or None,
                exclude_patient_id=data.exclude_patient or None)
-    d = await _blocking(svc, lambda: draft_report(
+    d = await _blocking(svc, lambda: _one_at_a_time(svc, lambda: draft_report(
         svc.searcher, [img], svc.generator, q, prior_images=prior_imgs, prior_report=data.prior_report or None,
-        prior_study_id=data.prior_study_id or "prior", prior_date=data.prior_date or None))
+        prior_study_id=data.prior_study_id or "prior", prior_date=data.prior_date or None)))
 
     def sents(items):
         return [DraftSentenceOut(s.text, list(s.citations)) for s in items]
@@ -368,9 +465,43 @@ async def draft(state: State, data: MultipartBody[DraftForm]) -> DraftOut:
 # ---- errors and logging ----------------------------------------------------------------------------
 def _error(status: int):
     def handler(_: Request, exc: Exception) -> Response:
-        return Response({"status_code": status, "detail": str(exc)}, status_code=getattr(exc, "status", status))
+        code = getattr(exc, "status", status)  # UploadError carries its own (413, 415, 422)
+        return Response({"status_code": code, "detail": str(exc)}, status_code=code, media_type=MediaType.JSON)
 
     return handler
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Litestar's own errors keep their status: ``NotFoundException`` and ``ValidationException``
+    are also ``ValueError`` and would otherwise fall into the 400 handler (every 404 became 400)."""
+    from litestar.exceptions import ValidationException
+
+    detail = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        # name the culprit in the detail itself, as every other 400 here does
+        why = "; ".join(f"{e.get('key') or 'body'}: {e.get('message')}" for e in exc.extra if isinstance(e, dict))
+        detail = f"{detail}: {why}" if why else detail
+    body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
+    if exc.extra:
+        body["extra"] = exc.extra
+    # always JSON (ErrorOut), also on routes whose success body is an image
+    return Response(body, status_code=exc.status_code, headers=exc.headers, media_type=MediaType.JSON)
+
+
+def _too_deep(request: Request, exc: RecursionError) -> Response:
+    """A JSON body nested deeper than the decoder's stack (``[[[[...`` 100k deep) is the client's
+    fault: 400, not 500. Anywhere else a RecursionError is a server bug and stays a 500."""
+    if "json" in (request.headers.get("content-type") or ""):
+        return Response({"status_code": 400, "detail": "request body nests too deeply"}, status_code=400)
+    return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+
+
+@get("/metrics", media_type=MediaType.TEXT, tags=["ops"], sync_to_thread=False)
+def metrics() -> Response:
+    """Prometheus text exposition (``text/plain``, as the schema says)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -390,6 +521,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         try:
             app.state.service = await anyio.to_thread.run_sync(lambda: Service(settings))
+            _fit_schema(app, app.state.service)
+            _concurrent(app.state.service)
         except (IndexError_, EncoderError, OSError, ValueError) as exc:
             app.state.startup_error = str(exc)  # /health says why; data routes answer 503
             log.error("medrag API not ready: %s", exc)
@@ -405,7 +538,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[page, health, live, ready, taxonomy, search_image, search_study, search_text, search_vector,
                         case_attention,
-                        case_detail, case_image, draft, PrometheusController,
+                        case_detail, case_image, draft, metrics,
                         create_static_files_router("/static", [STATIC])],
         lifespan=[lifespan],
         state=State({"settings": settings, "key_store": keys, "service": None, "startup_error": None}),
@@ -417,6 +550,7 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers={
             UploadError: _error(400), UnknownTermError: _error(400), SearchError: _error(400),
             GeneratorError: _error(502), NotFound: _error(404), ValueError: _error(400),
+            HTTPException: _http_error, RecursionError: _too_deep,
         },
         logging_config=None,
     )

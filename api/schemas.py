@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.datastructures import UploadFile
+from msgspec import Meta
 
 from retrieval.records import Label
+
+# The constraints the server enforces, stated in the OpenAPI schema (a request the schema allows
+# must not be turned away). ``max_k`` of the settings may lower K_MAX, never raise it.
+K_MAX = 100
+TEXT_MAX = 20_000  # characters of a free-text query (the encoder reads far fewer)
+VECTOR_MAX = 4096  # numbers in a client-embedded query vector; the served space fixes the exact count
+K = Annotated[int, Meta(ge=1, le=K_MAX, description="number of studies to return")]
+QueryText = Annotated[str, Meta(min_length=1, max_length=TEXT_MAX, pattern=r"\S",
+                                description="free text; not empty or only whitespace")]
+Vector = Annotated[list[float], Meta(min_length=1, max_length=VECTOR_MAX,
+                                     description="the query embedding (any scale: it is L2-normalised)")]
 
 
 class Highlight(msgspec.Struct, frozen=True):
@@ -42,23 +54,23 @@ class SearchOut(msgspec.Struct, frozen=True):
 
 
 class TextSearchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    text: str
-    target: str = "auto"  # auto | images | reports
+    text: QueryText
+    target: Literal["auto", "images", "reports"] = "auto"
     finding: str | None = None
     anatomy: str | None = None  # with finding: where it must be stated
     modality: list[str] | None = None
     exclude_patient: str | None = None
     include_uncertain: bool = False
-    k: int = 10
+    k: K = 10
 
 
 class VectorSearchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    vector: list[float]
+    vector: Vector
     space: str = "image"
     finding: str | None = None
     modality: list[str] | None = None
     exclude_patient: str | None = None
-    k: int = 10
+    k: K = 10
 
 
 class EntityOut(msgspec.Struct, frozen=True):
@@ -106,6 +118,14 @@ class Taxonomy(msgspec.Struct, frozen=True):
     findings: list[str]
 
 
+class ErrorOut(msgspec.Struct, frozen=True):
+    """Every error body: ``status_code`` always equals the HTTP status of the response."""
+
+    status_code: int
+    detail: str
+    extra: dict[str, Any] | list[Any] | None = None
+
+
 @dataclass
 class ImageSearchForm:
     """Multipart: the image file plus the query's options as form fields."""
@@ -117,7 +137,7 @@ class ImageSearchForm:
     exclude_patient: str | None = None
     include_uncertain: bool = False
     reports: bool = False  # image -> report instead of image -> image
-    k: int = 10
+    k: K = 10
 
 
 @dataclass
@@ -130,4 +150,4 @@ class DraftForm:
     anatomy: str | None = None
     finding: str | None = None
     exclude_patient: str | None = None
-    k: int = 5
+    k: K = 5

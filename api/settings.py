@@ -14,7 +14,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_upload_bytes: int = 48 * 1024 * 1024  # one uploaded file
     max_upload_pixels: int = 40_000_000  # rows * columns * frames of an upload
     max_upload_frames: int = 64  # DICOM multi-frame uploads
-    decode_timeout_s: float = 20.0  # per upload decode
+    decode_timeout_s: float = 20.0  # per upload decode (includes waiting for decode memory)
+    max_decode_bytes: int = 256 * 1024 * 1024  # decoded samples of one upload (codestream / inflated size)
+    decode_memory_bytes: int = 1024 * 1024 * 1024  # working memory of all decodes at once (process-wide)
     max_k: int = 100
     thumbnail_px: int = 256
     generator: str = "extractive"  # extractive | vlm | http
@@ -23,3 +25,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     generator_model: str | None = None
     generator_api_key: str | None = None
     load_text_encoder: bool = True  # report space (text queries); off saves memory
+    torch_threads: int | None = None  # torch intra-op threads for encoders (None: torch's default)
+    faiss_threads: int | None = None  # FAISS OpenMP threads per search call (None: FAISS's default)
+    batch_max: int = 32  # concurrent searches merged into one index call (api/batching.py)
+    batch_wait_ms: float = 2.0  # how long a batch waits for company when other requests are in flight

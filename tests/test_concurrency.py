@@ -1,0 +1,105 @@
+"""Concurrent searches (no global lock, micro-batched) give exactly the serial answers."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from api.batching import BatchingEncoder, BatchingIndex, ThreadBatcher, install
+from retrieval.index import SearchFilter, open_index
+from retrieval.search import Query, Searcher
+
+from .conftest import synthetic_cxr
+
+
+@pytest.fixture(scope="module")
+def searchers(small_index):
+    index = open_index(small_index[1])
+    serial = Searcher.for_index(index, load_text=False)
+    batched = Searcher(index, serial.image_encoder, None)
+    install(batched, max_batch=64, wait_s=0.05)  # a long wait: threads started together share batches
+    yield serial, batched
+    index.close()
+
+
+def _ids(res):
+    return [(h.study_id, round(h.score, 5)) for h in res.hits]
+
+
+def _together(fn, items, threads=8):
+    barrier = threading.Barrier(threads)
+
+    def run(item):
+        barrier.wait() if item[0] < threads else None
+        return fn(item[1])
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, list(enumerate(items))))
+
+
+def test_concurrent_vector_searches_equal_serial_ones(searchers):
+    serial, batched = searchers
+    ids = [p.id for p in serial.index.find(SearchFilter(), limit=100)][:16]
+    vecs = serial.index.vectors("image", ids)
+    queries = [(v, Query(k=5, finding="effusion" if i % 3 == 0 else None)) for i, v in enumerate(vecs)] * 2
+    want = [_ids(serial.by_vector(v, "image", q)) for v, q in queries]
+    got = _together(lambda vq: _ids(batched.by_vector(vq[0], "image", vq[1])), queries)
+    assert got == want
+    b = batched.index.batcher
+    assert b.items == len(queries) and b.batches < len(queries)  # some searches really shared a call
+
+
+def test_concurrent_image_searches_equal_serial_ones(searchers):
+    serial, batched = searchers
+    images = [synthetic_cxr(100 + i, left_blob=i % 2 == 0) for i in range(8)]
+    for anatomy in (None, "left lung"):
+        want = [_ids(serial.by_image([im], Query(k=4, anatomy=anatomy))) for im in images]
+        got = _together(lambda im, a=anatomy: _ids(batched.by_image([im], Query(k=4, anatomy=a))), images)
+        assert got == want
+    enc = batched.image_encoder
+    assert isinstance(enc, BatchingEncoder) and enc.batcher.batches < enc.batcher.items
+
+
+def test_a_bad_item_fails_alone():
+    def run(_key, items):
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x.upper() for x in items]
+
+    b: ThreadBatcher[str, str] = ThreadBatcher(run, max_batch=8, wait_s=0.05)
+    items = ["a", "bad", "c", "d"]
+    out: dict[str, object] = {}
+
+    def call(x):
+        try:
+            out[x] = b.call("k", x)
+        except ValueError as exc:
+            out[x] = exc
+
+    _together(call, items, threads=4)
+    assert out["a"] == "A" and out["c"] == "C" and out["d"] == "D"
+    assert isinstance(out["bad"], ValueError) and str(out["bad"]) == "bad item"
+
+
+def test_a_lone_call_does_not_wait():
+    import time
+
+    b: ThreadBatcher[int, int] = ThreadBatcher(lambda _k, xs: [x * 2 for x in xs], max_batch=8, wait_s=1.0)
+    t0 = time.perf_counter()
+    assert b.call("k", 21) == 42
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_batching_index_passes_multi_row_queries_through(small_index):
+    index = open_index(small_index[1])
+    try:
+        wrapped = BatchingIndex(index)
+        q = index.vectors("image", [p.id for p in index.find(SearchFilter(), limit=3)])
+        want = [[h.id for h in row] for row in index.search("image", np.asarray(q), 3)]
+        assert [[h.id for h in row] for row in wrapped.search("image", np.asarray(q), 3)] == want
+        assert wrapped.batcher.items == 0 and len(wrapped) == len(index)
+    finally:
+        index.close()
