@@ -6,6 +6,9 @@ reader (what a user gets, payloads and filters included), each in a fresh child 
 build time, peak memory (VmHWM) and resident size after opening are its own. The numpy flat
 scan in the parent is the reference: its top-10 is the truth for recall@10, and its per-query
 latency is in the same table. Filtered queries ask for one modality of ten (10% of points).
+Throughput (queries/s) is measured at each of ``batch_sizes`` rows per call, unfiltered. GPU FAISS
+kinds (``faiss:gpu-flat``, ``faiss:gpu-ivf``, ``faiss:gpu-ivfpq``, ``faiss:gpu-cagra``) are built
+on the GPU, saved as CPU files and searched on the GPU, beside CPU HNSW in the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 MODALITIES = ("CR", "CT", "MR", "US", "DX", "MG", "NM", "PT", "XA", "RF")
 FILTER_MODALITY = "CT"
+GPU_BACKENDS = ("faiss:gpu-flat", "faiss:gpu-ivf", "faiss:gpu-ivfpq", "faiss:gpu-cagra", "faiss:hnsw")
 
 
 BLOCK = 65536
@@ -62,15 +66,15 @@ def _recall(found: list[list[int]], truth: np.ndarray, k: int) -> float:
 
 
 def _child(backend: str, kind: str, n: int, dim: int, seed: int, queries: np.ndarray, k: int, root: str,
-           out: Any) -> None:
+           out: Any, batch_sizes: tuple[int, ...] = ()) -> None:
     try:
-        out.put(_run_backend(backend, kind, n, dim, seed, queries, k, root))
+        out.put(_run_backend(backend, kind, n, dim, seed, queries, k, root, batch_sizes))
     except BaseException as exc:  # report, do not hang the parent
         out.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _run_backend(backend: str, kind: str, n: int, dim: int, seed: int, queries: np.ndarray, k: int,
-                 root: str) -> dict[str, Any]:
+                 root: str, batch_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
     from retrieval.index import IMAGE, IndexMeta, SearchFilter, open_index, open_writer
 
     uri = f"{backend}:{root}/{backend}-{kind}"
@@ -90,7 +94,7 @@ def _run_backend(backend: str, kind: str, n: int, dim: int, seed: int, queries: 
     build_s = time.perf_counter() - t0
     peak_build = _rss_mb("VmHWM") - rss0
     rss1 = _rss_mb()
-    ix = open_index(uri)
+    ix = open_index(uri, gpu=kind.startswith("gpu-"))  # GPU kinds are searched on the GPU
     open_mb = _rss_mb() - rss1
     flt = SearchFilter(modality=[FILTER_MODALITY])
     res: dict[str, Any] = {"build_s": round(build_s, 1), "build_peak_mb": round(peak_build), "open_rss_mb": round(open_mb)}
@@ -104,6 +108,14 @@ def _run_backend(backend: str, kind: str, n: int, dim: int, seed: int, queries: 
             lat.append(time.perf_counter() - t)
             found.append([h.id for h in hits])
         res[name] = {**_percentiles(lat), "found": found}
+    for b in batch_sizes:  # throughput: b queries per call (rows repeat when b > len(queries))
+        qb = np.resize(queries, (b, dim))
+        ix.search(IMAGE, qb, k)
+        t, calls = time.perf_counter(), 0
+        while calls < 3 or time.perf_counter() - t < 1.0:
+            ix.search(IMAGE, qb, k)
+            calls += 1
+        res[f"qps@{b}"] = round(b * calls / (time.perf_counter() - t))
     ix.close()
     res["disk_mb"] = round(sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()) / 2**20)
     return res
@@ -111,7 +123,7 @@ def _run_backend(backend: str, kind: str, n: int, dim: int, seed: int, queries: 
 
 def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, k: int = 10, seed: int = 0,
         backends: tuple[str, ...] = ("faiss:hnsw", "faiss:ivf", "qdrant+local:hnsw"),
-        work_dir: str | Path | None = None) -> dict[str, Any]:
+        work_dir: str | Path | None = None, batch_sizes: tuple[int, ...] = (64, 1024)) -> dict[str, Any]:
     t_all = time.perf_counter()
     queries = vectors(nq, dim, seed, start=10**9)  # same clusters, rows never indexed
     modality_of = np.arange(n) % len(MODALITIES) == MODALITIES.index(FILTER_MODALITY)
@@ -144,7 +156,7 @@ def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, 
         root = tempfile.mkdtemp(prefix="medrag-speed-", dir=work_dir)
         try:
             box: Any = ctx.Queue()
-            p = ctx.Process(target=_child, args=(backend, kind, n, dim, seed, queries, k, root, box))
+            p = ctx.Process(target=_child, args=(backend, kind, n, dim, seed, queries, k, root, box, batch_sizes))
             p.start()
             res = box.get()
             p.join()
@@ -155,6 +167,7 @@ def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, 
                 res[name]["recall@10"] = round(_recall(res[name].pop("found"), tr, k), 4)
         table[f"{backend} {kind}"] = res
     result = {"n": n, "dim": dim, "queries": nq, "k": k, "filter": f"modality={FILTER_MODALITY} (10%)",
+              "batch_sizes": list(batch_sizes),
               "seconds": round(time.perf_counter() - t_all, 1), "backends": table}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +177,8 @@ def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, 
 
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{'backend':22s} {'build s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'R@10':>6s} "
-            f"{'f-p50':>7s} {'f-p99':>7s} {'f-R@10':>6s} {'peak MB':>8s} {'RSS MB':>7s} {'disk MB':>8s}")
+            f"{'f-p50':>7s} {'f-p99':>7s} {'f-R@10':>6s} {'peak MB':>8s} {'RSS MB':>7s} {'disk MB':>8s}"
+            + "".join(f" {'q/s@' + str(b):>9s}" for b in result.get("batch_sizes", ())))
     lines = [f"{result['n']} x {result['dim']}, {result['queries']} single-vector queries, top-{result['k']}; "
              f"filtered: {result['filter']}", head]
     for name, r in result["backends"].items():
@@ -174,5 +188,6 @@ def format_table(result: dict[str, Any]) -> str:
         u, f = r["unfiltered"], r["filtered"]
         lines.append(f"{name:22s} {r['build_s']:8.1f} {u['p50_ms']:7.2f} {u['p99_ms']:7.2f} {u['recall@10']:6.3f} "
                      f"{f['p50_ms']:7.2f} {f['p99_ms']:7.2f} {f['recall@10']:6.3f} {r.get('build_peak_mb', 0):8} "
-                     f"{r['open_rss_mb']:7} {r['disk_mb']:8}")
+                     f"{r['open_rss_mb']:7} {r['disk_mb']:8}"
+                     + "".join(f" {r.get(f'qps@{b}', '-'):>9}" for b in result.get("batch_sizes", ())))
     return "\n".join(lines)

@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import msgspec
 import numpy as np
 
 from indexer.manifest import ManifestError, read_manifest, write_manifest
+from indexer.phi import image_ref, is_image_ref
 from indexer.segments import Segment, SegmentStore, build_lock, fingerprint, study_key
 from retrieval.encoders import create_encoder, is_joint
 from retrieval.entities import EntityExtractor, study_labels
@@ -47,6 +50,8 @@ from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 log = logging.getLogger(__name__)
 REPORT_SNIPPET = 4000  # characters of report kept in the payload
+DECODE_WORKERS = 2  # threads decoding images while the encoder runs (0 or 1: one thread)
+DECODE_AHEAD = 2  # batches decoded ahead of the encoder (bounds memory: ahead x batch images)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,9 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
     """The payload of one point: identity, metadata, report and its mined entities.
 
     Anatomy-finding pairs are listed for the anatomy and all its ancestors, so a filter on
-    "lung:effusion" matches a report that says "left lower lobe effusion".
+    "lung:effusion" matches a report that says "left lower lobe effusion". ``image`` (the
+    absolute path) becomes an opaque reference (:func:`indexer.phi.image_ref`): export paths
+    name patients, and a payload reaches segments, the index, search output and API answers.
     """
     labels = study_labels(study, extractor)
     present = {k for k, s in labels.items() if s == "present"}
@@ -96,7 +103,7 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
         study_date=study.study_date,
         study_day=date_to_day(study.study_date) if study.study_date else None,
         modality=study.modality,
-        image=image,
+        image=(image if is_image_ref(image) else image_ref(image)) if image else None,
         image_key=image_key,
         view=view,
         report=(study.report or "")[:REPORT_SNIPPET] or None,
@@ -120,7 +127,8 @@ def state_dir_for(uri: str) -> Path:
 
 
 def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True,
-                work_dir: str | Path | None = None, segment_size: int = 256) -> BuildReport:
+                work_dir: str | Path | None = None, segment_size: int = 256, engine: str = "local",
+                address: str | None = None, workers: int | None = None) -> BuildReport:
     """Encode what is not encoded yet (resumable), assemble, publish atomically.
 
     A rerun after a crash or SIGKILL skips every finished segment; a changed manifest encodes
@@ -133,7 +141,8 @@ def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool
         errors: list[str] = []
         studies = list(read_manifest(manifest, errors=errors))
         report.skipped.extend(errors)
-        _build(studies, manifest, uri, cfg, state, report, progress, segment_size)
+        _build(studies, manifest, uri, cfg, state, report, progress, segment_size,
+               engine={"engine": engine, "address": address, "workers": workers})
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -207,7 +216,7 @@ def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, condi
 
 
 def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfig, state: Path,
-           report: BuildReport, progress: bool, segment_size: int) -> None:
+           report: BuildReport, progress: bool, segment_size: int, engine: dict[str, Any] | None = None) -> None:
     tax = default_taxonomy()
     extractor = EntityExtractor(tax)
     image_enc = create_encoder(cfg.encoder, checkpoint=cfg.checkpoint, device=cfg.device,
@@ -232,15 +241,24 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
     todo = [(s, k) for s, k in zip(studies, keys, strict=True) if k not in done]
     report.reused = len(studies) - len(todo)
     bar = _bar(len(todo), progress)
-    for i in range(0, len(todo), segment_size):
-        chunk = todo[i:i + segment_size]
+    from indexer.engines import ENGINES
+
+    def encode(chunk: list[tuple[Study, str]]) -> tuple[list[str], Path]:
         seg = _encode_segment(chunk, manifest, image_enc, text_enc, conditioning, spaces, tax, extractor,
                               cfg.batch_size)
-        path = store.write(seg)
-        done.update({k: path for k in seg.study_keys})
+        return seg.study_keys, store.write(seg)
+
+    eng = dict(engine or {})
+    name = eng.pop("engine", None) or "local"
+    if name not in ENGINES:
+        raise ManifestError(f"unknown build engine {name!r} ({', '.join(ENGINES)})")
+    chunks = [todo[i:i + segment_size] for i in range(0, len(todo), segment_size)]
+    job = {"cfg": cfg, "manifest": str(manifest), "conditioning": conditioning, "spaces": spaces, "store": str(store.root)}
+    for seg_keys, path in ENGINES[name](chunks, encode, job=job, **eng):
+        done.update({k: path for k in seg_keys})
         report.segments_written += 1
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(len(seg_keys))
     if bar is not None:
         bar.close()
     _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
@@ -380,7 +398,70 @@ def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:
 
 def _batches(studies: list[Study], manifest: str | Path, size: int,
              skip: Callable[[Study, str], None]) -> Iterator[list[tuple[Study, str | None, np.ndarray | None, str | None]]]:
-    """Yield (study, image path, pixels, view) points; report-only studies give one point."""
+    """Yield (study, image path, pixels, view) points; report-only studies give one point.
+
+    Images are decoded by ``DECODE_WORKERS`` threads up to ``DECODE_AHEAD`` batches ahead, so
+    decoding (PIL and pydicom's pixel handlers release the GIL in their C code) overlaps the
+    encoder's forward on the batch before. Order, skips and their messages are those of a
+    serial decode: results are consumed in manifest order, and skips reported from this thread.
+    """
+    batch: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
+
+    def decode(rel: str) -> np.ndarray | ImageLoadError:
+        try:
+            return load_image(manifest_image(manifest, rel), name=rel)
+        except ImageLoadError as exc:
+            return exc
+
+    workers = DECODE_WORKERS if DECODE_WORKERS > 0 else 1
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="medrag-decode")
+    pending: deque[Future[np.ndarray | ImageLoadError]] = deque()
+    jobs = ((s, i, rel) for s in studies for i, rel in enumerate(s.images))
+    order: deque[tuple[Study, int, str]] = deque()
+
+    def fill() -> None:
+        while len(pending) < max(1, DECODE_AHEAD * size):
+            job = next(jobs, None)
+            if job is None:
+                return
+            order.append(job)
+            pending.append(pool.submit(decode, job[2]))
+
+    try:
+        fill()
+        for study in studies:
+            points: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
+            for _ in study.images:
+                s, i, rel = order.popleft()
+                pixels = pending.popleft().result()
+                fill()
+                if isinstance(pixels, ImageLoadError):
+                    skip(study, str(pixels))
+                    continue
+                view = study.view[i] if study.view and i < len(study.view) else None
+                points.append((study, rel, pixels, view))
+            if not points:
+                if study.report and not study.images:
+                    points.append((study, None, None, None))
+                else:
+                    skip(study, f"study {study.study_id}: no readable image")
+                    continue
+            batch.extend(points)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
+def _batches_serial(studies: list[Study], manifest: str | Path, size: int,
+                    skip: Callable[[Study, str], None]) -> Iterator[list[tuple[Study, str | None, np.ndarray | None,
+                                                                                   str | None]]]:
+    """The serial decode (reference for tests and the overlap measurement)."""
     batch: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []
     for study in studies:
         points: list[tuple[Study, str | None, np.ndarray | None, str | None]] = []

@@ -73,10 +73,14 @@ class Segment:
 
 
 class SegmentStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, collect: bool = True) -> None:
+        """``collect``: remove a killed writer's temp files. Only the build's driver (which holds
+        the build lock) collects; a worker writing beside other workers (the Ray engine) must
+        not, or it deletes their half-written temps before they are renamed."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(root)  # a killed writer's leftovers; never read
+        if collect:
+            remove_stale_temps(root)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("seg-*.npz"))

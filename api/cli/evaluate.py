@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--backends", default="faiss:hnsw,faiss:ivf,qdrant+local:hnsw")
     sp.add_argument("--work-dir", help="where the temporary indexes go (needs ~3x the vectors' size)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--gpu", action="store_true",
+                    help="GPU FAISS kinds (gpu-flat, gpu-ivf, gpu-ivfpq, gpu-cagra) beside CPU HNSW; needs medrag[gpu]")
+    sp.add_argument("--batch-sizes", default="64,1024", help="queries per call for the queries/s columns")
     sp.set_defaults(func=_cmd_eval_speed)
     ee = ev.add_parser("entities", help="extractor precision/recall on hand-checked reports")
     ee.add_argument("--gold", default=str(Path(__file__).resolve().parents[2] / "tests/fixtures/iu_xray_gold50.json"))
@@ -70,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ev_cv.add_argument("--preset", help="training preset (default: cxr-notes-cpu for a metadata.csv folder, else cxr-cpu)")
     ev_cv.add_argument("--folds", type=int, default=5)
     ev_cv.add_argument("--epochs", type=int)
+    ev_cv.add_argument("--image-size", type=int, help="override the preset's input side")
+    ev_cv.add_argument("--probe-c", type=float, help="override the preset's linear-probe C (0: no probe)")
+    ev_cv.add_argument("--probe-weight", type=float, help="override the preset's probe weight")
     ev_cv.add_argument("-k", type=int, default=10)
     ev_cv.add_argument("--device", default="cpu")
     ev_cv.set_defaults(func=_cmd_eval_cxr_cv)
@@ -100,10 +106,11 @@ def _cmd_eval_retrieval(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_speed(a: argparse.Namespace) -> int:
-    from eval.speed import format_table, run
+    from eval.speed import GPU_BACKENDS, format_table, run
 
-    r = run(a.out, n=a.n, dim=a.dim, nq=a.queries, seed=a.seed, work_dir=a.work_dir,
-            backends=tuple(x.strip() for x in a.backends.split(",") if x.strip()))
+    backends = GPU_BACKENDS if a.gpu else tuple(x.strip() for x in a.backends.split(",") if x.strip())
+    r = run(a.out, n=a.n, dim=a.dim, nq=a.queries, seed=a.seed, work_dir=a.work_dir, backends=backends,
+            batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",") if b.strip()))
     print(format_table(r))
     print(f"{r['seconds']}s; wrote {a.out}/speed.json")
     return 0
@@ -154,7 +161,9 @@ def _cmd_eval_cxr_cv(a: argparse.Namespace) -> int:
     from indexer.train import PRESETS
 
     preset = a.preset or ("cxr-notes-cpu" if (Path(a.folder) / "metadata.csv").is_file() else "cxr-cpu")
-    cfg = PRESETS[preset] if a.epochs is None else replace(PRESETS[preset], epochs=a.epochs)
+    over = {k: v for k, v in {"epochs": a.epochs, "image_size": a.image_size, "probe_c": a.probe_c,
+                              "probe_weight": a.probe_weight}.items() if v is not None}
+    cfg = replace(PRESETS[preset], **over)
     r = cross_validate(a.folder, cfg, a.out, folds=a.folds, cfg=CxrEvalConfig(k=a.k), device=a.device)
     print(format_table(r))
     per_fold = ", ".join(f"{f['train_seconds']:.0f}" for f in r["folds"])

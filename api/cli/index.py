@@ -65,7 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--encoder", default="pixels", help="image encoder family (see `medrag index encoders`)")
     b.add_argument("--checkpoint", help="local weights directory for the image encoder")
     b.add_argument("--text-encoder", default="minilm", help="report encoder family, or 'none'")
-    b.add_argument("--kind", choices=["flat", "hnsw", "ivf"], help="index structure (backend default if unset)")
+    b.add_argument("--kind", choices=["flat", "hnsw", "ivf", "ivfpq", "gpu-flat", "gpu-ivf", "gpu-ivfpq", "gpu-cagra"],
+                   help="index structure (backend default if unset); gpu-* build FAISS on a GPU (medrag[gpu])")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where segments are encoded: this process, or Ray tasks (medrag[ray])")
+    b.add_argument("--address", help="Ray cluster address for --engine ray (default: a local Ray for this build)")
+    b.add_argument("--workers", type=int, help="CPUs of the local Ray started for --engine ray")
     b.add_argument("--conditioning", help="comma-separated anatomies to embed (default: taxonomy's list)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -154,7 +159,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
     if not Path(a.manifest).is_file():
         raise FileNotFoundError(f"manifest {a.manifest} not found")
     rep = build_index(a.manifest, a.index, cfg, progress=not a.no_progress, work_dir=a.work_dir,
-                      segment_size=a.segment_size)
+                      segment_size=a.segment_size, engine=a.engine, address=a.address, workers=a.workers)
     return _print_build(rep, a.json)
 
 

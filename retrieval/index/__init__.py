@@ -103,7 +103,7 @@ def _server_writer(loc: IndexLocation, spaces: dict[str, int], meta: IndexMeta, 
 
     client = server_client(loc.server or "", api_key=env().qdrant_api_key)
     return ServerWriter(client, loc.collection or "medrag", spaces, meta, kind,
-                        payload_indexes=not (loc.server or "").startswith("memory://"))
+                        payload_indexes=not (loc.server or "").startswith("memory://"), settings=env().qdrant)
 
 
 @dataclass(frozen=True)

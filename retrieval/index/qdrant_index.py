@@ -37,10 +37,12 @@ from retrieval.index.base import (
     date_to_day,
 )
 from retrieval.index.versions import current_version, new_staging, publish
+from retrieval.settings import QdrantCollectionSettings
 
 KEYWORD_FIELDS = ("study_id", "patient_id", "modality", "findings", "findings_any",
                   "anatomy_findings", "anatomy_findings_any")
 HNSW_EF = 128
+QUANT_OVERSAMPLING = 2.0  # quantized candidates per wanted hit, rescored with the original vectors
 QUERY_BATCH = 256  # requests per batch call (bounds one call's size; a batch is one engine pass)
 
 
@@ -244,6 +246,42 @@ class EdgeIndex(_QdrantReader):
 _MEMORY_CLIENTS: dict[str, Any] = {}
 
 
+def collection_config(spaces: dict[str, int], cfg: QdrantCollectionSettings) -> dict[str, Any]:
+    """The ``create_collection`` arguments of a server collection, from the deployment's settings.
+
+    Shards spread a collection over a cluster's nodes, replicas keep it searchable when a node
+    fails; ``on_disk`` memory-maps vectors (RAM holds the HNSW graph and, with quantization, the
+    compact codes); quantized search is rescored with the original vectors (see ``search_params``).
+    """
+    from qdrant_client import models as qm
+
+    quant: Any = None
+    if cfg.quantization == "scalar":
+        quant = qm.ScalarQuantization(scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99,
+                                                                        always_ram=True))
+    elif cfg.quantization == "binary":
+        quant = qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(always_ram=True))
+    return {
+        "vectors_config": {s: qm.VectorParams(size=d, distance=qm.Distance.DOT, on_disk=cfg.on_disk or None)
+                           for s, d in spaces.items()},
+        "shard_number": cfg.shard_number,
+        "replication_factor": cfg.replication_factor,
+        "write_consistency_factor": max(1, cfg.replication_factor // 2 + 1) if cfg.replication_factor > 1 else None,
+        "on_disk_payload": cfg.on_disk or None,
+        "quantization_config": quant,
+    }
+
+
+def search_params(exact: bool, k: int, cfg: QdrantCollectionSettings) -> Any:
+    """Per-query parameters: ``hnsw_ef`` and, on a quantized collection, rescoring with oversampling."""
+    from qdrant_client import models as qm
+
+    quant = None
+    if cfg.quantization != "none":
+        quant = qm.QuantizationSearchParams(rescore=cfg.rescore, oversampling=QUANT_OVERSAMPLING)
+    return qm.SearchParams(exact=exact, hnsw_ef=max(HNSW_EF, 2 * k), quantization=quant)
+
+
 def server_client(location: str, api_key: str | None = None) -> Any:
     """A qdrant-client for a URL, or a process-wide ``:memory:`` client for ``memory://name``."""
     from qdrant_client import QdrantClient
@@ -258,7 +296,8 @@ def server_client(location: str, api_key: str | None = None) -> Any:
 
 class ServerWriter:
     def __init__(self, client: Any, collection: str, spaces: dict[str, int], meta: IndexMeta,
-                 kind: str = "hnsw", payload_indexes: bool = True) -> None:
+                 kind: str = "hnsw", payload_indexes: bool = True,
+                 settings: QdrantCollectionSettings | None = None) -> None:
         from qdrant_client import models as qm
 
         self.client, self.alias, self.spaces, self.meta, self.kind = client, collection, dict(spaces), meta, kind
@@ -267,10 +306,8 @@ class ServerWriter:
         while f"{collection}__v{n:06d}" in existing:
             n += 1
         self.collection = f"{collection}__v{n:06d}"
-        client.create_collection(
-            self.collection,
-            vectors_config={s: qm.VectorParams(size=d, distance=qm.Distance.DOT) for s, d in spaces.items()},
-        )
+        self.settings = settings or QdrantCollectionSettings()
+        client.create_collection(self.collection, **collection_config(spaces, self.settings))
         if payload_indexes:  # qdrant-client's :memory: mode ignores them (and warns)
             for key in KEYWORD_FIELDS:
                 client.create_payload_index(self.collection, key, qm.PayloadSchemaType.KEYWORD)
@@ -324,6 +361,9 @@ class ServerIndex(_QdrantReader):
         if raw is None:
             raise IndexError_(f"{uri}: collection {collection!r} was not built by medrag (no metadata)")
         self.meta = msgspec.convert(raw, IndexMeta)
+        quant = info.config.quantization_config  # what the server holds, not today's settings
+        kind = "scalar" if getattr(quant, "scalar", None) else "binary" if getattr(quant, "binary", None) else "none"
+        self._params_cfg = QdrantCollectionSettings(quantization=kind)
 
     def _query_batch(self, items: list[_Item]) -> list[list[Hit]]:
         from qdrant_client import models as qm
@@ -331,8 +371,9 @@ class ServerIndex(_QdrantReader):
         if not items:
             return []
         exact = self.meta.index_kind == "flat"
+        cfg = self._params_cfg
         reqs = [qm.QueryRequest(query=vec.tolist(), using=space, limit=k, filter=f, with_payload=True,
-                                params=None if self._local else qm.SearchParams(exact=exact, hnsw_ef=max(HNSW_EF, 2 * k)))
+                                params=None if self._local else search_params(exact, k, cfg))
                 for (space, vec, k, _), f in zip(items, _translated(items, qm, "Range"), strict=True)]
         return [_hits(res.points) for res in self.client.query_batch_points(self.collection, requests=reqs)]
 
