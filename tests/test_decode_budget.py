@@ -190,6 +190,7 @@ print(json.dumps(out))
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"{kind} bomb:", {k: v for k, v in out.items() if k != "build"})  # the figure (pytest -s)
     assert out["status"] == 413
     assert str(path) in out["build"]
     assert out["growth_kb"] < 200 * 1024, out
@@ -227,6 +228,7 @@ print(json.dumps({{'n': len(shapes), 'shape': shapes[0], 'peak_kb': peak, 'growt
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    print("24 concurrent 6300x6300 JPEG uploads:", out)  # the figure for the README (pytest -s)
     assert out["n"] == 24 and out["shape"] == [side, side]
     assert out["peak_kb"] < 2 * 1024 * 1024, out
 
