@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,24 @@ def state_dir_for(uri: str) -> Path:
     return env().state_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+@contextmanager
+def writer_state(uri: str, work_dir: str | Path | None = None) -> Iterator[Path]:
+    """The build's state folder, locked for one writer.
+
+    The lock that decides who may publish lives with the index (:func:`state_dir_for`), whatever
+    ``--work-dir`` says: two writers with different work dirs once both published. A separate
+    work dir (segments elsewhere, e.g. on scratch disk) is locked as well.
+    """
+    home = state_dir_for(uri)
+    state = Path(work_dir) if work_dir else home
+    with build_lock(home):
+        if state.resolve() == home.resolve():
+            yield state
+        else:
+            with build_lock(state):
+                yield state
+
+
 def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True,
                 work_dir: str | Path | None = None, segment_size: int = 256, engine: str = "local",
                 address: str | None = None, workers: int | None = None) -> BuildReport:
@@ -136,8 +155,7 @@ def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool
     """
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
-    state = Path(work_dir) if work_dir else state_dir_for(uri)
-    with build_lock(state):
+    with writer_state(uri, work_dir) as state:
         errors: list[str] = []
         studies = list(read_manifest(manifest, errors=errors))
         report.skipped.extend(errors)
@@ -151,8 +169,7 @@ def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir:
     """Add (or replace, by study id) the studies of ``manifest`` in a published index."""
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
-    state = Path(work_dir) if work_dir else state_dir_for(uri)
-    with build_lock(state):
+    with writer_state(uri, work_dir) as state:
         cfg, current = _published(state, uri)
         errors: list[str] = []
         new = [_absolute(s, manifest) for s in read_manifest(manifest, errors=errors)]
@@ -170,8 +187,7 @@ def delete_studies(uri: str, study_ids: list[str], work_dir: str | Path | None =
     """Publish a new version without ``study_ids`` (no re-encoding)."""
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
-    state = Path(work_dir) if work_dir else state_dir_for(uri)
-    with build_lock(state):
+    with writer_state(uri, work_dir) as state:
         cfg, current = _published(state, uri)
         unknown = sorted(set(study_ids) - {s.study_id for s in current})
         if unknown:

@@ -164,3 +164,22 @@ def test_one_writer_at_a_time(synth, tmp_path):
 
     with build_lock(state_dir_for(uri)):
         assert main(["index", "build", str(synth), "--index", uri, "--text-encoder", "none", "--no-progress"]) == 2
+
+
+def test_a_work_dir_does_not_move_the_publish_lock(tmp_path):
+    """Two writers with different --work-dir once both published the same index: the lock that
+    decides who publishes lives with the index itself."""
+    from indexer.build import writer_state
+    from indexer.segments import BuildLockedError
+
+    uri = f"faiss:{tmp_path}/ix"
+    with writer_state(uri, tmp_path / "work-a") as state:
+        assert state == tmp_path / "work-a"
+        with pytest.raises(BuildLockedError, match="another build"):
+            with writer_state(uri, tmp_path / "work-b"):
+                pass
+        with pytest.raises(BuildLockedError):
+            with writer_state(uri):
+                pass
+    with writer_state(uri, tmp_path / "work-b") as state:  # released: the next writer proceeds
+        assert state == tmp_path / "work-b"
