@@ -2,9 +2,10 @@
 
 The index, the encoders and the generator are opened once in the lifespan hook and shared by
 every request (opening an encoder per request would cost seconds). Model and index calls are
-blocking, so handlers run them in worker threads, one at a time per process (a lock): encoders
-and the embedded Qdrant engine are not documented thread-safe, and on a CPU box the matrix work
-is parallel inside each call anyway.
+blocking, so handlers run them in worker threads with no global lock: concurrent searches are
+micro-batched into one index call and concurrent image encodes into one forward
+(:mod:`api.batching`); FAISS reads run unlocked, other engines (embedded Qdrant is not documented
+thread-safe), the report tokenizer and drafting keep a lock of their own.
 
 Security: every ``/api`` route needs ``Authorization: Bearer <key>`` (hashed keys, :mod:`api.keys`);
 ``/``, ``/static``, ``/health*``, ``/metrics`` and ``/schema`` do not. Request bodies are capped,
