@@ -7,6 +7,14 @@ micro-batched into one index call and concurrent image encodes into one forward
 (:mod:`api.batching`); FAISS reads run unlocked, other engines (embedded Qdrant is not documented
 thread-safe), the report tokenizer and drafting keep a lock of their own.
 
+Hot reload: a watcher polls the published version (:func:`retrieval.index.published_version`,
+every ``reload_interval_s``); a newer one is opened and verified beside the served one, then
+swapped in with one assignment, so each request sees one version whole; the old one is closed
+after a grace period. A version that fails to open is not served (the previous keeps serving and
+``/health`` says why). A deleted study is gone within the interval plus the time to open the new
+version. When startup found no usable index the watcher keeps trying, and the service becomes
+ready once one is published.
+
 Security: every ``/api`` route needs ``Authorization: Bearer <key>`` (hashed keys, :mod:`api.keys`);
 ``/``, ``/static``, ``/health*``, ``/metrics`` and ``/schema`` do not. Request bodies are capped,
 uploads are typed by content and size-checked before decoding (:mod:`api.uploads`). The access
@@ -16,13 +24,16 @@ bodies or report text, so no patient identifier, name or date reaches the logs.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,7 +85,9 @@ class NotFound(LookupError):
 class Service:
     """Everything a request needs, opened once."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, previous: Service | None = None) -> None:
+        """Open the published index; with ``previous`` (a hot reload) its encoders, generator and
+        drafting lock are reused when the new version was built with the same encoders."""
         from retrieval.entities import EntityExtractor
         from retrieval.index import open_index
         from retrieval.rag import create_generator
@@ -82,16 +95,36 @@ class Service:
         from retrieval.taxonomy import default_taxonomy
 
         self.settings = settings
+        self.searcher: Searcher
+        self.generator: Any
+        self.lock: threading.Lock
         self.index = open_index(settings.index)
-        self.searcher = Searcher.for_index(self.index, device=settings.device, load_text=settings.load_text_encoder)
-        self.generator = create_generator(settings.generator, model_dir=settings.generator_model_dir,
-                                          base_url=settings.generator_base_url, model=settings.generator_model,
-                                          api_key=settings.generator_api_key, device=settings.device)
+        try:
+            meta, old = self.index.meta, previous.index.meta if previous is not None else None
+            if previous is not None and old is not None and (meta.image_encoder, meta.text_encoder) == \
+                    (old.image_encoder, old.text_encoder):
+                self.searcher = Searcher(self.index, previous.searcher.image_encoder, previous.searcher.text_encoder)
+                self.generator = previous.generator
+                self.lock = previous.lock
+            else:
+                self.searcher = Searcher.for_index(self.index, device=settings.device,
+                                                   load_text=settings.load_text_encoder)
+                self.generator = create_generator(settings.generator, model_dir=settings.generator_model_dir,
+                                                  base_url=settings.generator_base_url, model=settings.generator_model,
+                                                  api_key=settings.generator_api_key, device=settings.device)
+                self.lock = threading.Lock()
+        except BaseException:
+            self.index.close()
+            raise
         self.tax = default_taxonomy()
         self.extractor = EntityExtractor(self.tax)
-        self.lock = threading.Lock()
         self.thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.studies = self._count_studies()
+        self.opened_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    @property
+    def version(self) -> str:
+        return self.index.meta.version
 
     def _count_studies(self) -> int | None:
         try:
@@ -191,8 +224,19 @@ async def require_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 def _service(state: State) -> Service:
     svc = state.get("service")
     if svc is None:
-        raise HTTPException(status_code=503, detail=f"not ready: {state.get('startup_error') or 'starting'}")
+        raise HTTPException(status_code=503, detail=f"not ready: {public_reason(state.get('startup_error')) or 'starting'}")
     return svc
+
+
+_ABS_PATH = re.compile(r"(?<![\w.<>-])/(?:[^\s'\"/:,;()]+/)*[^\s'\",;()]*")
+
+
+def public_reason(reason: str | None) -> str | None:
+    """A failure reason fit for an unauthenticated client: absolute paths (where the index
+    lives, a patient-named export folder) become ``<path>``; the full text goes to the log."""
+    if not reason:
+        return reason
+    return _ABS_PATH.sub("<path>", reason)
 
 
 async def _blocking(svc: Service, fn):
@@ -259,6 +303,64 @@ def _fit_schema(app: Litestar, svc: Service) -> None:
                     enum(prm.schema, vocab[prm.name])
 
 
+def _reason(exc: BaseException) -> str:
+    """Our own errors say what is wrong in words; anything else is named by its type too."""
+    from retrieval.encoders import EncoderError
+    from retrieval.index import IndexError_
+
+    return str(exc) if isinstance(exc, (IndexError_, EncoderError, OSError, ValueError)) else \
+        f"{type(exc).__name__}: {exc}"
+
+
+def _serve(app: Litestar, svc: Service) -> None:
+    """Make ``svc`` the one every new request uses (one assignment: a request sees one version)."""
+    _fit_schema(app, svc)
+    _concurrent(svc)
+    app.state.service = svc
+    app.state.startup_error = None
+
+
+async def _watch(app: Litestar, settings: Settings) -> None:
+    """Poll the published version; open a newer one beside the served one and swap it in."""
+    from retrieval.index import published_version
+
+    failed: str | None = None
+    while True:
+        await anyio.sleep(settings.reload_interval_s)
+        try:
+            latest = await anyio.to_thread.run_sync(lambda: published_version(settings.index))
+        except Exception as exc:  # noqa: BLE001 - a Qdrant server away: keep serving, say why
+            app.state.reload_error = f"cannot read the published version: {_reason(exc)}"
+            continue
+        old: Service | None = app.state.get("service")
+        if latest is None or latest == failed or (old is not None and latest == old.version):
+            continue
+        try:
+            new = await anyio.to_thread.run_sync(functools.partial(Service, settings, previous=old))
+        except Exception as exc:  # noqa: BLE001 - the served version keeps serving
+            failed = latest
+            reason = f"version {latest} not served: {_reason(exc)}"
+            if old is None:
+                app.state.startup_error = reason
+            else:
+                app.state.reload_error = reason
+            log.error("%s", reason)
+            continue
+        _serve(app, new)
+        failed, app.state.reload_error = None, None
+        log.info("serving index version %s (was %s)", new.version, old.version if old else "none")
+        if old is not None:
+            app.state.retiring.append(old)
+            asyncio.get_running_loop().call_later(settings.reload_grace_s, _retire, app, old)
+
+
+def _retire(app: Litestar, old: Service) -> None:
+    """Close a replaced version once requests that started on it have had time to finish."""
+    if old in app.state.retiring:
+        app.state.retiring.remove(old)
+        old.close()
+
+
 def _one_at_a_time(svc: Service, fn):
     """Drafting drives the generator (a local VLM and its tokenizer are not safe to share between
     threads): drafts run one at a time; searches do not wait for them."""
@@ -312,15 +414,20 @@ async def page() -> Response:
 
 @get("/health", tags=["ops"])
 async def health(state: State) -> Health:
+    """Status, the index version being served and, when a newer one could not be opened, why.
+    Unauthenticated: reasons carry no absolute path (:func:`public_reason`)."""
     svc = state.get("service")
+    reload_error = public_reason(state.get("reload_error"))
     if svc is None:
-        err = state.get("startup_error")
+        err = public_reason(state.get("startup_error"))
         return Health("error" if err else "starting", False, None, err)
     meta = svc.index.meta
     return Health("ok", True, {"backend": meta.backend, "version": meta.version, "points": len(svc.index),
                                "studies": svc.studies, "spaces": sorted(meta.spaces),
                                "image_encoder": (meta.image_encoder or {}).get("family"),
-                               "generator": getattr(svc.generator, "name", "?")})
+                               "generator": getattr(svc.generator, "name", "?"),
+                               "serving_since": svc.opened_at},
+                  reload_error, reload_error)
 
 
 @get("/health/live", tags=["ops"])
@@ -508,8 +615,6 @@ def metrics() -> Response:
 def create_app(settings: Settings) -> Litestar:
     from litestar.middleware import DefineMiddleware
 
-    from retrieval.encoders import EncoderError
-    from retrieval.index import IndexError_
     from retrieval.rag.http import GeneratorError
     from retrieval.search import SearchError
     from retrieval.taxonomy import UnknownTermError
@@ -521,15 +626,21 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         try:
-            app.state.service = await anyio.to_thread.run_sync(lambda: Service(settings))
-            _fit_schema(app, app.state.service)
-            _concurrent(app.state.service)
-        except (IndexError_, EncoderError, OSError, ValueError) as exc:
-            app.state.startup_error = str(exc)  # /health says why; data routes answer 503
-            log.error("medrag API not ready: %s", exc)
+            _serve(app, await anyio.to_thread.run_sync(lambda: Service(settings)))
+        except Exception as exc:  # noqa: BLE001 - any unreadable state is a 503 with a reason, never an exit
+            app.state.startup_error = _reason(exc)  # /health says why; data routes answer 503
+            log.error("medrag API not ready: %s", app.state.startup_error)
+        watcher = asyncio.get_running_loop().create_task(_watch(app, settings)) \
+            if settings.reload_interval_s > 0 else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watcher
+            for old in app.state.get("retiring") or []:
+                old.close()
             svc = app.state.get("service")
             if svc is not None:
                 svc.close()
@@ -542,7 +653,8 @@ def create_app(settings: Settings) -> Litestar:
                         case_detail, case_image, draft, metrics,
                         create_static_files_router("/static", [STATIC])],
         lifespan=[lifespan],
-        state=State({"settings": settings, "key_store": keys, "service": None, "startup_error": None}),
+        state=State({"settings": settings, "key_store": keys, "service": None, "startup_error": None,
+                     "reload_error": None, "retiring": []}),
         middleware=[prometheus.middleware, DefineMiddleware(AccessLog)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="medrag", version="0.1.0", path="/schema",

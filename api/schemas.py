@@ -108,8 +108,9 @@ class DraftOut(msgspec.Struct, frozen=True):
 class Health(msgspec.Struct, frozen=True):
     status: str  # ok | starting | error
     ready: bool
-    index: dict[str, Any] | None = None
-    detail: str | None = None
+    index: dict[str, Any] | None = None  # the version being served ("version") and its size
+    detail: str | None = None  # why not ready; or, when ready, why a newer version is not served
+    reload_error: str | None = None  # a published version that failed to open (the served one keeps serving)
 
 
 class Taxonomy(msgspec.Struct, frozen=True):

@@ -29,7 +29,14 @@ import numpy as np
 
 from indexer.manifest import ManifestError, read_manifest, write_manifest
 from indexer.phi import image_ref, is_image_ref
-from indexer.segments import Segment, SegmentStore, build_lock, fingerprint, study_key
+from indexer.segments import (
+    CorruptSegment,
+    Segment,
+    SegmentStore,
+    build_lock,
+    fingerprint,
+    study_key,
+)
 from retrieval.encoders import create_encoder, is_joint
 from retrieval.entities import EntityExtractor, study_labels
 from retrieval.imaging.images import ImageLoadError, load_image, pixel_key
@@ -53,6 +60,7 @@ log = logging.getLogger(__name__)
 REPORT_SNIPPET = 4000  # characters of report kept in the payload
 DECODE_WORKERS = 2  # threads decoding images while the encoder runs (0 or 1: one thread)
 DECODE_AHEAD = 2  # batches decoded ahead of the encoder (bounds memory: ahead x batch images)
+MAX_REPAIRS = 8  # damaged segments re-encoded in one build before it gives up (a failing disk)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class BuildReport:
     seconds: float = 0.0
     reused: int = 0  # studies whose vectors came from earlier (possibly killed) runs
     segments_written: int = 0
+    quarantined: list[str] = field(default_factory=list)  # damaged segments moved aside and re-encoded
 
 
 def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy,
@@ -202,6 +211,20 @@ def delete_studies(uri: str, study_ids: list[str], work_dir: str | Path | None =
     return report
 
 
+def rebuild_locked(uri: str, state: Path, progress: bool = False) -> BuildReport:
+    """Publish a fresh version of what is published now, from the build's own record, encoding
+    only studies whose segments are gone (quarantined). The caller holds the writer lock
+    (:func:`writer_state`); ``medrag index verify --repair`` uses it."""
+    t0 = time.perf_counter()
+    report = BuildReport(uri=uri)
+    cfg, current = _published(state, uri)
+    pending = state / "pending.jsonl"
+    write_manifest(pending, current)
+    _build(current, pending, uri, cfg, state, report, progress, 256)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
 def _published(state: Path, uri: str) -> tuple[BuildConfig, list[Study]]:
     rec = state / "published.json"
     if not rec.is_file():
@@ -228,7 +251,7 @@ def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, condi
 
     return fingerprint({"image": image_enc.describe(), "text": text_enc.describe() if text_enc else None,
                         "conditioning": conditioning, "spaces": spaces, "snippet": REPORT_SNIPPET,
-                        "weights": weights(cfg.checkpoint) + weights(cfg.text_checkpoint), "format": 1})
+                        "weights": weights(cfg.checkpoint) + weights(cfg.text_checkpoint), "format": 2})
 
 
 def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfig, state: Path,
@@ -253,10 +276,11 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
                      image_root=str(image_root))
     store = SegmentStore(state / "segments" / _encoders_fingerprint(cfg, image_enc, text_enc, conditioning, spaces))
     keys = [study_key(_absolute(s, manifest), manifest) for s in studies]
-    done = store.encoded_keys()
+    before = set(store.files())
+    done = store.encoded_keys()  # quarantines segments whose keys cannot be read
+    report.quarantined.extend(f.name for f in sorted(before - set(store.files())))
     todo = [(s, k) for s, k in zip(studies, keys, strict=True) if k not in done]
     report.reused = len(studies) - len(todo)
-    bar = _bar(len(todo), progress)
     from indexer.engines import ENGINES
 
     def encode(chunk: list[tuple[Study, str]]) -> tuple[list[str], Path]:
@@ -268,27 +292,63 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
     name = eng.pop("engine", None) or "local"
     if name not in ENGINES:
         raise ManifestError(f"unknown build engine {name!r} ({', '.join(ENGINES)})")
-    chunks = [todo[i:i + segment_size] for i in range(0, len(todo), segment_size)]
     job = {"cfg": cfg, "manifest": str(manifest), "conditioning": conditioning, "spaces": spaces, "store": str(store.root)}
-    for seg_keys, path in ENGINES[name](chunks, encode, job=job, **eng):
-        done.update({k: path for k in seg_keys})
-        report.segments_written += 1
+
+    def run(todo: list[tuple[Study, str]]) -> None:
+        bar = _bar(len(todo), progress)
+        chunks = [todo[i:i + segment_size] for i in range(0, len(todo), segment_size)]
+        for seg_keys, path in ENGINES[name](chunks, encode, job=job, **eng):
+            done.update({k: path for k in seg_keys})
+            report.segments_written += 1
+            if bar is not None:
+                bar.update(len(seg_keys))
         if bar is not None:
-            bar.update(len(seg_keys))
-    if bar is not None:
-        bar.close()
-    _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
+            bar.close()
+
+    run(todo)
+    skipped_before = list(report.skipped)
+    for _ in range(MAX_REPAIRS + 1):
+        try:
+            _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
+            break
+        except CorruptSegment as exc:  # found damaged while assembling: move it aside, encode again
+            if len(report.quarantined) >= MAX_REPAIRS:
+                raise ManifestError(f"{exc} (and {MAX_REPAIRS} damaged segments before it: is the disk failing?)"
+                                    ) from exc
+            store.quarantine(exc.path, exc.why)
+            report.quarantined.append(exc.path.name)
+            lost = {k for k, f in done.items() if f == exc.path}
+            for k in lost:
+                del done[k]
+            report.studies = report.points = report.images = report.reports = 0
+            report.skipped = list(skipped_before)  # _assemble adds the segments' skip messages again
+            run([(s, k) for s, k in zip(studies, keys, strict=True) if k in lost])
     _record(state, manifest, studies, cfg)
     live = {done[k] for k in keys if k in done}
     for f in store.files():  # segments holding only deleted or changed studies
         if f not in live:
             f.unlink(missing_ok=True)
+            store.sidecar(f).unlink(missing_ok=True)
+
+
+def _deidentified(study: Study) -> Study:
+    """The study with its report text de-identified (:mod:`indexer.deid`) before anything reads
+    it: the report reaches payloads, search results and other patients' drafts. Dates shift by
+    the manifest patient's offset; text a DICOM source already de-identified is left as it is."""
+    if not study.report:
+        return study
+    from indexer.deid import deidentify_text
+    from indexer.phi import DEFAULT_KEY, PhiPolicy
+
+    policy = PhiPolicy((env().phi_key or DEFAULT_KEY).encode())
+    return msgspec.structs.replace(study, report=deidentify_text(study.report, study.patient_id, policy).text)
 
 
 def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_enc: Any, text_enc: Any,
                     conditioning: list[str], spaces: dict[str, int], tax: Taxonomy, extractor: EntityExtractor,
                     batch_size: int) -> Segment:
     seg = Segment(study_keys=[k for _, k in chunk])
+    chunk = [(_deidentified(s), k) for s, k in chunk]
     key_of = {id(s): k for s, k in chunk}
     vecs: dict[str, list[np.ndarray]] = {sp: [] for sp in spaces}
     pres: dict[str, list[np.ndarray]] = {sp: [] for sp in spaces}

@@ -69,6 +69,7 @@ class EnvSettings:
     llm_api_key: str | None  # MEDRAG_LLM_API_KEY: key for the OpenAI-compatible generator
     qdrant_api_key: str | None  # QDRANT_API_KEY: key for a Qdrant server
     shared: Path | None  # MEDRAG_SHARED: the shared data folder (tests and benchmarks)
+    verify: str = "full"  # MEDRAG_VERIFY: how readers check a version's checksums (full | size)
     qdrant: QdrantCollectionSettings = field(default_factory=QdrantCollectionSettings)  # MEDRAG_QDRANT_*
 
     @property
@@ -87,6 +88,7 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("MEDRAG_LLM_API_KEY", "llm_api_key", "unset", "bearer key of the OpenAI-compatible generator server"),
     ("QDRANT_API_KEY", "qdrant_api_key", "unset", "API key of a Qdrant server (http(s):// index URIs)"),
     ("MEDRAG_SHARED", "shared", "../shared", "shared data folder read by tests and benchmarks"),
+    ("MEDRAG_VERIFY", "verify", "full", "readers check a published version's checksums: full (SHA-256) or size"),
     ("MEDRAG_QDRANT_SHARDS", "qdrant.shard_number", "1", "shards of a collection a build creates on a Qdrant server"),
     ("MEDRAG_QDRANT_REPLICAS", "qdrant.replication_factor", "1", "replicas of each shard (Qdrant cluster)"),
     ("MEDRAG_QDRANT_ON_DISK", "qdrant.on_disk", "0", "1: a server collection keeps vectors on disk (memory-mapped)"),
@@ -109,6 +111,7 @@ def env() -> EnvSettings:
         llm_api_key=g("MEDRAG_LLM_API_KEY") or None,
         qdrant_api_key=g("QDRANT_API_KEY") or None,
         shared=Path(shared) if shared else None,
+        verify=(g("MEDRAG_VERIFY") or "full").lower(),
         qdrant=QdrantCollectionSettings(
             shard_number=_int("MEDRAG_QDRANT_SHARDS", g("MEDRAG_QDRANT_SHARDS"), 1),
             replication_factor=_int("MEDRAG_QDRANT_REPLICAS", g("MEDRAG_QDRANT_REPLICAS"), 1),

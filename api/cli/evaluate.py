@@ -85,6 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--size", type=int, default=160)
     es.set_defaults(func=_cmd_eval_synth)
+    eid = ev.add_parser("deid", help="report-text de-identification: recall on planted PHI, false positives "
+                                     "on the original IU X-ray texts")
+    eid.add_argument("annotation", help="IU X-ray annotation.json")
+    eid.add_argument("--n", type=int, default=500, help="reports to plant PHI into")
+    eid.add_argument("--seed", type=int, default=0)
+    eid.add_argument("--out", help="folder for result.json")
+    eid.set_defaults(func=_cmd_eval_deid)
 
 
 def _cmd_eval_retrieval(a: argparse.Namespace) -> int:
@@ -177,4 +184,17 @@ def _cmd_eval_synth(a: argparse.Namespace) -> int:
 
     path = generate(a.out, a.studies, a.seed, a.size)
     print(f"wrote {a.studies} synthetic studies: {path}")
+    return 0
+
+
+def _cmd_eval_deid(a: argparse.Namespace) -> int:
+    from eval.deid import format_table, run_deid_eval
+
+    r = run_deid_eval(a.annotation, n=a.n, seed=a.seed)
+    print(format_table(r))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(r, indent=1))
+        print(f"{r['seconds']}s; wrote {out}/result.json")
     return 0

@@ -93,6 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     de.add_argument("--work-dir")
     de.add_argument("--json", action="store_true")
     de.set_defaults(func=_cmd_delete)
+    ve = idx.add_parser("verify", help="check checksums of the published version and every encoded segment; "
+                                       "--repair quarantines damaged segments, re-encodes them and republishes")
+    ve.add_argument("--index", required=True)
+    ve.add_argument("--repair", action="store_true")
+    ve.add_argument("--work-dir")
+    ve.add_argument("--json", action="store_true")
+    ve.set_defaults(func=_cmd_verify)
     info = idx.add_parser("info", help="describe a published index")
     info.add_argument("--index", required=True)
     info.set_defaults(func=_cmd_info)
@@ -185,6 +192,17 @@ def _cmd_delete(a: argparse.Namespace) -> int:
     from indexer.build import delete_studies
 
     return _print_build(delete_studies(a.index, a.study, work_dir=a.work_dir), a.json)
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    """Exit 0: intact (or repaired); 1: damaged and not repaired."""
+    from dataclasses import asdict
+
+    from indexer.verify import format_report, verify_index
+
+    rep = verify_index(a.index, repair=a.repair, work_dir=a.work_dir)
+    print(json.dumps(asdict(rep), indent=1) if a.json else format_report(rep))
+    return 0 if rep.ok or rep.repaired else 1
 
 
 def _cmd_info(a: argparse.Namespace) -> int:

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     help="log lines per message kind per second; the rest are counted and summarised")
     sv.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     sv.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads (default: FAISS's choice)")
+    sv.add_argument("--reload-interval", type=float, default=2.0,
+                    help="seconds between checks for a newly published index version (0: never reload)")
     sv.add_argument("--batch-max", type=int, default=32, help="concurrent searches merged into one index call")
     sv.add_argument("--batch-wait-ms", type=float, default=2.0,
                     help="how long a search waits for others to batch with (only when others are in flight)")
@@ -71,7 +73,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                         generator_model_dir=a.model_dir, generator_base_url=a.base_url, generator_model=a.model,
                         generator_api_key=env().llm_api_key,
                         load_text_encoder=not a.no_text_encoder, torch_threads=a.torch_threads,
-                        faiss_threads=a.faiss_threads, batch_max=a.batch_max, batch_wait_ms=a.batch_wait_ms)
+                        faiss_threads=a.faiss_threads, batch_max=a.batch_max, batch_wait_ms=a.batch_wait_ms,
+                        reload_interval_s=a.reload_interval)
     logging.getLogger("medrag.api").setLevel(logging.INFO)
     GuardedH11Protocol.request_timeout_s = a.request_timeout
     import resource

@@ -75,9 +75,18 @@ def from_dicom_folder(folder: str | Path, manifest_path: str | Path,
 
 
 def study_from_headers(images: list[tuple[str, dict]], report: str | None, policy: PhiPolicy) -> Study:
-    """One study's manifest record from its representative images' raw headers, de-identified."""
+    """One study's manifest record from its representative images' raw headers, de-identified.
+
+    The report text is de-identified here too, while the raw PatientID is at hand: its dates move
+    by exactly the header dates' offset (the build's own pass, which sees only pseudonyms, leaves
+    an already shifted ``[DATE ...]`` alone)."""
+    from indexer.deid import deidentify_text
+
     safe = [deidentify(h, policy) for _, h in images]
     first = safe[0]
+    raw_patient = str(images[0][1].get("PatientID") or "") or None
+    if report:
+        report = deidentify_text(report, raw_patient, policy).text
     return Study(study_id=first["StudyInstanceUID"], images=[rel for rel, _ in images], report=report,
                  patient_id=first.get("PatientID"), study_date=first.get("StudyDate"),
                  modality=first.get("Modality"),

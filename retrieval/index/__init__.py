@@ -129,6 +129,29 @@ def open_index(uri: str, gpu: bool = False) -> VectorIndex:
     return BACKENDS[loc.backend].reader(loc, uri, gpu)
 
 
+def published_version(uri: str) -> str | None:
+    """The version a fresh :func:`open_index` would serve now (None: nothing published yet).
+
+    Cheap (one small file read, or one alias listing on a Qdrant server): the API polls it to
+    pick up each newly published version, deletions included.
+    """
+    try:
+        loc = parse_uri(uri)
+    except IndexError_:
+        return None
+    if loc.path is not None:
+        from retrieval.index.versions import published_version as current_name
+
+        return current_name(loc.path)
+    from retrieval.index.qdrant_index import server_client
+
+    client = server_client(loc.server or "", api_key=env().qdrant_api_key)
+    for alias in client.get_aliases().aliases:
+        if alias.alias_name == (loc.collection or "medrag"):
+            return str(alias.collection_name).rsplit("__", 1)[-1]
+    return None
+
+
 def open_writer(uri: str, spaces: dict[str, int], meta: IndexMeta, kind: str | None = None) -> IndexWriter:
     """Start a new version of the index at ``uri``; nothing is visible until ``commit()``."""
     loc = parse_uri(uri)
@@ -137,4 +160,5 @@ def open_writer(uri: str, spaces: dict[str, int], meta: IndexMeta, kind: str | N
 
 
 __all__ = ["IMAGE", "REPORT", "REPORT_JOINT", "Hit", "IndexError_", "IndexMeta", "IndexWriter",
-           "SearchFilter", "VectorIndex", "anatomy_space", "open_index", "open_writer", "parse_uri"]
+           "SearchFilter", "VectorIndex", "anatomy_space", "open_index", "open_writer", "parse_uri",
+           "published_version"]

@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 
 from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter, SearchRequest
-from retrieval.index.versions import current_version, new_staging, publish
+from retrieval.index.versions import new_staging, open_version, publish
 
 EXACT_SUBSET = 4096
 HNSW_M = 32
@@ -236,7 +236,17 @@ class FaissIndex:
     def __init__(self, root: Path, uri: str, gpu: bool = False) -> None:
         faiss = _faiss()
         self.uri = uri
-        self.path = current_version(root)
+        self.path = open_version(root)  # checksums first: a damaged file is named, not half-read
+        try:
+            self._load(faiss)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, msgspec.DecodeError,
+                msgspec.ValidationError) as exc:  # faiss raises RuntimeError for a truncated file
+            why = str(exc).splitlines()[0][:200] if not isinstance(exc, OSError) else (exc.strerror or "")
+            raise IndexError_(f"version {self.path.name} cannot be read: {type(exc).__name__} "
+                              f"{why.replace(str(self.path), '.')}") from exc
+        self._gpu = {s: self._to_gpu(ix) for s, ix in self._index.items()} if gpu else {}
+
+    def _load(self, faiss: Any) -> None:
         raw = json.loads((self.path / "meta.json").read_text())
         self.meta = msgspec.convert(raw["meta"], IndexMeta)
         self.meta = msgspec.structs.replace(self.meta, version=self.path.name)
@@ -268,7 +278,6 @@ class FaissIndex:
             base = faiss.downcast_index(ix.index)
             if isinstance(base, faiss.IndexIVF):
                 base.nprobe = max(IVF_NPROBE_MIN, int(base.nlist * IVF_NPROBE_FRACTION))
-        self._gpu = {s: self._to_gpu(ix) for s, ix in self._index.items()} if gpu else {}
 
     def __len__(self) -> int:
         return len(self._payloads)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +38,10 @@ from retrieval.index.base import (
     SearchRequest,
     date_to_day,
 )
-from retrieval.index.versions import current_version, new_staging, publish
+from retrieval.index.versions import new_staging, open_version, publish, write_checksums
 from retrieval.settings import QdrantCollectionSettings
+
+log = logging.getLogger(__name__)
 
 KEYWORD_FIELDS = ("study_id", "patient_id", "modality", "findings", "findings_any",
                   "anatomy_findings", "anatomy_findings_any")
@@ -129,10 +133,15 @@ class EdgeWriter:
         self.shard.optimize()
         self.shard.flush()
         self.shard.close()
+        # The engine rewrites its config and drops journals the first time a shard is loaded:
+        # settle that here, so the published files (and their checksums) stay as they are when
+        # readers open them.
+        _edge().EdgeShard.load(str(self.staging / "shard")).close()
         meta = msgspec.structs.replace(
             self.meta, backend="qdrant-edge", spaces=self.spaces, count=self._count, index_kind=self.kind,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         (self.staging / "meta.json").write_bytes(msgspec.json.encode({"meta": meta}))
+        write_checksums(self.staging)
         return publish(self.root, self.staging)
 
     def abort(self) -> None:
@@ -198,13 +207,50 @@ def _hits(points: Any) -> list[Hit]:
 
 
 class EdgeIndex(_QdrantReader):
+    """Reader of an embedded-Qdrant version.
+
+    The engine opens its segment files read-write (memory-mapped) even to search, so a version
+    on a read-only mount (a hospital's shared, write-protected index volume) cannot be loaded in
+    place: it is then copied to a private temporary folder first (logged; removed on close).
+    A version that fails its checksums, or that the engine refuses, is an :class:`IndexError_`.
+    """
+
     def __init__(self, root: Path, uri: str) -> None:
         e = _edge()
         self.uri = uri
-        self.path = current_version(root)
-        raw = json.loads((self.path / "meta.json").read_text())
-        self.meta = msgspec.structs.replace(msgspec.convert(raw["meta"], IndexMeta), version=self.path.name)
-        self.shard = e.EdgeShard.load(str(self.path / "shard"))
+        self.path = open_version(root)
+        self._private: Path | None = None
+        try:
+            raw = json.loads((self.path / "meta.json").read_text())
+            self.meta = msgspec.structs.replace(msgspec.convert(raw["meta"], IndexMeta), version=self.path.name)
+        except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
+            raise IndexError_(f"version {self.path.name}: meta.json is unreadable ({type(exc).__name__})") from exc
+        shard = self.path / "shard"
+        if not os.access(shard, os.W_OK):
+            shard = self._private_copy(shard)
+        try:
+            self.shard = e.EdgeShard.load(str(shard))
+        except Exception as exc:  # the engine raises a bare Exception with its own message
+            self._drop_private()
+            raise IndexError_(f"version {self.path.name}: the embedded Qdrant engine cannot open it "
+                              f"({str(exc).splitlines()[0][:300]})") from exc
+
+    def _private_copy(self, shard: Path) -> Path:
+        import tempfile
+
+        log.warning("index version %s is read-only; searching a private copy", self.path.name)
+        self._private = Path(tempfile.mkdtemp(prefix="medrag-edge-"))
+        try:
+            return Path(shutil.copytree(shard, self._private / "shard"))
+        except OSError as exc:
+            self._drop_private()
+            raise IndexError_(f"version {self.path.name} is read-only and could not be copied to "
+                              f"a private folder ({exc.strerror or type(exc).__name__})") from exc
+
+    def _drop_private(self) -> None:
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
 
     def _query_batch(self, items: list[_Item]) -> list[list[Hit]]:
         if not items:
@@ -239,7 +285,10 @@ class EdgeIndex(_QdrantReader):
         return np.stack(rows) if rows else np.zeros((0, self.meta.spaces[space]), np.float32)
 
     def close(self) -> None:
-        self.shard.close()
+        try:
+            self.shard.close()
+        finally:
+            self._drop_private()
 
 
 # ---- server (qdrant-client) --------------------------------------------------------------------
