@@ -17,7 +17,16 @@ Scores per method, each draft against its held-out report:
   alphanumeric tokens without "xxxx"; our own BLEU-4/ROUGE-L are kept in the JSON;
 * contradictions per 100 drafts (:class:`retrieval.rag.consistency.ConsistencyChecker`), also for
   the held-out reports themselves (the checker's false-alarm floor);
-* mean length ratio (draft tokens / reference tokens) and the share of cited sentences.
+* mean length ratio (draft tokens / reference tokens) and the share of cited sentences;
+* paired-bootstrap 95% intervals of (method - copy-nearest) for entity F1, BLEU-4 and ROUGE-L
+  (:func:`paired_intervals`): the held-out reports are resampled (``bootstrap`` resamples,
+  ``seed``), the same resamples for every method and metric. Entity F1 (micro) and BLEU-4
+  (pycocoevalcap's corpus BLEU) are recomputed on each resample from per-report counts (true/false
+  positives and negatives; n-gram matches, candidate n-grams, candidate and reference lengths),
+  so they are the table's corpus-level scores, not averages of sentence scores; pycocoevalcap's
+  ROUGE-L is already the mean of per-report scores. CIDEr has no interval: its idf weights come
+  from the evaluated reference set itself, so a resample would need its own document
+  frequencies (a full CIDEr run per resample), not a sum of per-report numbers.
 
 Methods: ``copy-nearest`` (the top report verbatim), ``extractive`` (sentence voting without the
 checker: the drafter as it was), ``extractive+check``, ``edit-nearest`` and ``edit-consensus``
@@ -45,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from eval.stats import Interval, paired_bootstrap, paired_bootstrap_totals
 from indexer.manifest import read_manifest
 from retrieval.entities import EntityExtractor
 from retrieval.rag.consistency import ConsistencyChecker
@@ -125,6 +135,11 @@ def methods() -> dict[str, Callable[[DraftContext], Draft]]:
 
 def coco_scores(refs: list[str], hyps: list[str]) -> dict[str, float]:
     """BLEU-1..4, ROUGE-L, CIDEr with pycocoevalcap (its BLEU prints; silenced)."""
+    return _coco(refs, hyps)[0]
+
+
+def _coco(refs: list[str], hyps: list[str]) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`coco_scores` and pycocoevalcap's per-report ROUGE-L (its corpus ROUGE-L is their mean)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -133,11 +148,71 @@ def coco_scores(refs: list[str], hyps: list[str]) -> dict[str, float]:
     res = {i: [h or "empty"] for i, h in enumerate(hyps)}
     with contextlib.redirect_stdout(io.StringIO()):
         bleu, _ = Bleu(4).compute_score(gts, res)
-        rouge, _ = Rouge().compute_score(gts, res)
+        rouge, per_rouge = Rouge().compute_score(gts, res)
         cider, _ = Cider().compute_score(gts, res)
     out = {f"bleu{n + 1}": round(float(b), 4) for n, b in enumerate(bleu)}
     out.update(rougeL=round(float(rouge), 4), cider=round(float(cider), 4))
+    return out, np.asarray(per_rouge, np.float64).reshape(len(refs))
+
+
+def bleu_counts(refs: list[str], hyps: list[str]) -> np.ndarray:
+    """Per-report BLEU statistics as pycocoevalcap counts them, (reports, 10): candidate length,
+    reference length, candidate 1..4-grams, clipped 1..4-gram matches. Summed over any set of
+    reports they give that set's corpus BLEU (:func:`coco_bleu4`)."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    rows = []
+    for r, h in zip(refs, hyps, strict=True):
+        c = cook_test(h or "empty", cook_refs([r or "empty"]), eff="closest")  # one reference: its length
+        rows.append([c["testlen"], c["reflen"], *c["guess"], *c["correct"]])
+    return np.asarray(rows, np.float64).reshape(len(refs), 10)
+
+
+def coco_bleu4(totals: np.ndarray) -> np.ndarray:
+    """pycocoevalcap's corpus BLEU-4 (with its smoothing constants and brevity penalty) from summed
+    :func:`bleu_counts` rows, vectorised over leading axes."""
+    tiny, small = 1e-15, 1e-9
+    t = np.asarray(totals, np.float64)
+    log_p = np.log((t[..., 6:10] + tiny) / (t[..., 2:6] + small)).sum(-1) / 4
+    ratio = (t[..., 0] + tiny) / (t[..., 1] + small)
+    bp = np.where(ratio < 1, 1 - 1 / np.minimum(ratio, 1.0), 0.0)
+    out: np.ndarray = np.exp(log_p + bp)
     return out
+
+
+def micro_f1(totals: np.ndarray) -> np.ndarray:
+    """Micro F1 from summed (true positive, false positive, false negative) counts (0 where undefined)."""
+    t = np.asarray(totals, np.float64)
+    tp, fp, fn = t[..., 0], t[..., 1], t[..., 2]
+    den = 2 * tp + fp + fn
+    out: np.ndarray = np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
+    return out
+
+
+@dataclass(frozen=True)
+class ReportStats:
+    """One method's per-report statistics on a set of held-out reports (rows in report order)."""
+
+    entity: np.ndarray  # (reports, 3) entity true positives, false positives, false negatives
+    bleu: np.ndarray  # (reports, 10) :func:`bleu_counts`
+    rouge: np.ndarray  # (reports,) pycocoevalcap ROUGE-L
+
+    @classmethod
+    def of(cls, refs: list[str], hyps: list[str], entity: list[tuple[int, int, int]],
+           rouge: np.ndarray | None = None) -> ReportStats:
+        if rouge is None:
+            rouge = _coco(refs, hyps)[1]
+        return cls(np.asarray(entity, np.float64).reshape(len(refs), 3), bleu_counts(refs, hyps), rouge)
+
+
+def paired_intervals(method: ReportStats, baseline: ReportStats, n: int = 2000, seed: int = 0
+                     ) -> dict[str, Interval]:
+    """method - baseline on the same reports, with paired-bootstrap 95% intervals (the same
+    resamples for all three metrics): entity micro F1 and corpus BLEU-4 recomputed per resample
+    from per-report counts, ROUGE-L as the mean of per-report differences."""
+    return {"entity_f1": paired_bootstrap_totals(method.entity, baseline.entity, micro_f1, n, seed),
+            "bleu4": paired_bootstrap_totals(method.bleu, baseline.bleu, coco_bleu4, n, seed),
+            "rougeL": paired_bootstrap(method.rouge, baseline.rouge, n, seed)}
 
 
 def _embed(reports: list[str], device: str, cache_dir: Path | None) -> np.ndarray:
@@ -158,8 +233,11 @@ def _embed(reports: list[str], device: str, cache_dir: Path | None) -> np.ndarra
 
 def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int | None = None,
         seed: int = 0, device: str = "cpu", corpus: str | Path | None = None, duplicates: str = "both",
-        only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Score every drafting method; ``duplicates``: ``keep`` | ``exclude`` | ``both``."""
+        only: tuple[str, ...] | None = None, bootstrap: int = 2000) -> dict[str, Any]:
+    """Score every drafting method; ``duplicates``: ``keep`` | ``exclude`` | ``both``.
+
+    ``bootstrap`` resamples (seeded with ``seed``) give the intervals against copy-nearest (when it is
+    among the methods; 0: none)."""
     if duplicates not in ("keep", "exclude", "both"):
         raise ValueError(f"duplicates must be keep, exclude or both, not {duplicates!r}")
     t0 = time.perf_counter()
@@ -229,7 +307,7 @@ def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int 
     result: dict[str, Any] = {"manifest": str(manifest), "corpus": str(corpus) if corpus else None, "k": k,
                               "counts": counts, "settings": {}, "seconds": 0.0}
     for st in settings:
-        result["settings"][st] = acc[st].summary()
+        result["settings"][st] = acc[st].summary(BASELINE, bootstrap, seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["example"] = example
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +318,7 @@ def run(manifest: str | Path, out_dir: str | Path, k: int = 5, max_queries: int 
 @dataclass
 class _Scores:
     ent: dict[str, _Acc]
+    ent_items: dict[str, list[tuple[int, int, int]]]  # per report: entity tp, fp, fn
     per_finding: dict[str, dict[str, _Acc]]
     hyps: dict[str, list[list[str]]]
     rouge: dict[str, list[float]]
@@ -251,7 +330,7 @@ class _Scores:
 
     @classmethod
     def new(cls, variants: dict[str, Any]) -> _Scores:
-        return cls({m: _Acc() for m in variants}, {m: {} for m in variants}, {m: [] for m in variants},
+        return cls({m: _Acc() for m in variants}, {m: [] for m in variants}, {m: {} for m in variants}, {m: [] for m in variants},
                    {m: [] for m in variants}, {m: [] for m in variants}, {m: [] for m in variants},
                    {m: 0 for m in variants}, [])
 
@@ -259,6 +338,7 @@ class _Scores:
             checker: ConsistencyChecker) -> None:
         pred = set(as_labels(labels_of(d.text(), ex, tax)))
         self.ent[m].add(gold, pred)
+        self.ent_items[m].append((len(gold & pred), len(pred - gold), len(gold - pred)))
         for f in {lab.finding for lab in gold | pred}:
             self.per_finding[m].setdefault(f, _Acc()).add({x for x in gold if x.finding == f},
                                                          {x for x in pred if x.finding == f})
@@ -269,15 +349,19 @@ class _Scores:
         self.ratio[m].append(len(hyp) / max(1, len(ref)))
         self.contradictions[m] += len(checker.check(d))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, baseline: str = "copy-nearest", bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
         n = max(1, len(self.refs))
         out: dict[str, Any] = {"drafts": len(self.refs),
                                "reference_contradictions_per_100": round(100 * self.ref_contradictions / n, 2),
                                "methods": {}}
         refs = [" ".join(r) for r in self.refs]
+        per_report: dict[str, ReportStats] = {}
         for m in self.ent:
+            hyps = [" ".join(h) for h in self.hyps[m]]
+            coco, rouge = _coco(refs, hyps)
+            per_report[m] = ReportStats.of(refs, hyps, self.ent_items[m], rouge)
             out["methods"][m] = {
-                "entity": self.ent[m].prf(), **coco_scores(refs, [" ".join(h) for h in self.hyps[m]]),
+                "entity": self.ent[m].prf(), **coco,
                 "bleu4_own": round(bleu4(self.refs, self.hyps[m]), 4),
                 "rougeL_own": round(float(np.mean(self.rouge[m])) if self.rouge[m] else 0.0, 4),
                 "contradictions_per_100": round(100 * self.contradictions[m] / n, 2),
@@ -286,7 +370,39 @@ class _Scores:
                 "per_finding_f1": {f: acc.prf()["f1"] for f, acc in sorted(self.per_finding[m].items())
                                    if acc.tp + acc.fn >= 10},
             }
+        if bootstrap > 0 and baseline in per_report and self.refs:
+            out["vs_copy_nearest"] = {
+                "baseline": baseline, "resamples": bootstrap, "seed": seed, "unit": "held-out report",
+                "interval": "95% paired bootstrap (2.5th-97.5th percentiles), the same resamples for every "
+                            "method and metric; [difference, low, high] of method - baseline",
+                "entity_f1": "micro F1 recomputed per resample from per-report tp/fp/fn",
+                "bleu4": "pycocoevalcap corpus BLEU-4 recomputed per resample from per-report n-gram counts",
+                "rougeL": "pycocoevalcap ROUGE-L: mean of per-report differences",
+                "cider": "no interval: its idf comes from the evaluated references themselves",
+                "methods": {m: {k: [round(v, 4) + 0.0 for v in iv] for k, iv in
+                                paired_intervals(per_report[m], per_report[baseline], bootstrap, seed).items()}
+                            for m in per_report if m != baseline},
+            }
         return out
+
+
+BASELINE = "copy-nearest"  # what the bootstrap intervals compare every method with
+
+
+def format_intervals(vs: dict[str, Any]) -> list[str]:
+    """The intervals of ``summary()["vs_copy_nearest"]`` as lines ("*": the interval excludes 0)."""
+    lines = [f"method - {vs['baseline']}, paired bootstrap 95% CI ({vs['resamples']} resamples of the "
+             f"{vs['unit']}s, seed {vs['seed']}; entity F1 and BLEU-4 corpus-level, recomputed per "
+             f"resample; ROUGE-L mean per report; no CIDEr CI: its idf is fitted on the references)",
+             f"{'method':17s} {'d entF1 [95% CI]':>26s} {'d B-4 [95% CI]':>26s} {'d R-L [95% CI]':>26s}"]
+
+    def cell(iv: list[float]) -> str:
+        star = "*" if iv[1] > 0 or iv[2] < 0 else " "
+        return f"{iv[0]:+.4f} [{iv[1]:+.4f}, {iv[2]:+.4f}]{star}"
+
+    for m, x in vs["methods"].items():
+        lines.append(f"{m:17s} {cell(x['entity_f1']):>26s} {cell(x['bleu4']):>26s} {cell(x['rougeL']):>26s}")
+    return lines
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -308,4 +424,7 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{x['bleu2']:6.3f} {x['bleu3']:6.3f} {x['bleu4']:6.3f} {x['rougeL']:6.3f} "
                          f"{x['cider']:6.3f} {x['contradictions_per_100']:6.1f} {x['length_ratio']:5.2f} "
                          f"{x['cited_sentence_share']:5.2f}")
+        if "vs_copy_nearest" in r:
+            lines.append("")
+            lines.extend(format_intervals(r["vs_copy_nearest"]))
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Retrieval-evaluation numbers checked against scikit-learn's reference implementations."""
+"""Evaluation numbers checked against reference implementations (scikit-learn, pycocoevalcap) and
+against constructed cases with a known answer (the paired bootstrap)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
+from eval.drafting import (
+    ReportStats,
+    bleu_counts,
+    coco_bleu4,
+    coco_scores,
+    micro_f1,
+    paired_intervals,
+)
 from eval.retrieval import EvalConfig, rank_metrics, tfidf_baseline
+from eval.stats import bootstrap_indices, paired_bootstrap, paired_bootstrap_totals
 
 
 def _graded_case(seed: int, n: int = 40, nq: int = 12):
@@ -84,3 +94,70 @@ def test_tfidf_baseline_is_the_documented_weighting():
     few = tfidf_baseline(["effusion clear clear clear clear", "effusion heart", "effusion lungs"], max_terms=1)(None)
     np.testing.assert_allclose(few, np.ones((3, 1)), atol=1e-6)
     assert tfidf_baseline([None, ""])(None).shape == (2, 0)
+
+
+# ---- paired bootstrap (eval.stats) and the drafting intervals built on it ------------------------
+def test_paired_bootstrap_of_identical_methods_is_degenerate_at_zero():
+    rng = np.random.default_rng(0)
+    x = rng.random(50)
+    assert paired_bootstrap(x, x.copy(), 500, 0) == (0.0, 0.0, 0.0)
+    counts = rng.integers(0, 5, size=(50, 3)).astype(float)
+    assert paired_bootstrap_totals(counts, counts.copy(), micro_f1, 500, 0) == (0.0, 0.0, 0.0)
+
+
+def test_paired_bootstrap_of_a_method_better_on_every_item_excludes_zero():
+    rng = np.random.default_rng(1)
+    b = rng.random(40)
+    gain = 0.01 + 0.02 * rng.random(40)  # better on every item, by 0.01-0.03
+    mean, lo, hi = paired_bootstrap(b + gain, b, 2000, 0)
+    assert mean == pytest.approx(gain.mean()) and 0.01 <= lo < mean < hi <= 0.03
+    # corpus-level: one more true positive and one fewer false negative on every item
+    base = np.column_stack([rng.integers(1, 4, 40), rng.integers(0, 3, 40), rng.integers(1, 4, 40)]).astype(float)
+    better = base + [1, 0, -1]
+    point, lo, hi = paired_bootstrap_totals(better, base, micro_f1, 2000, 0)
+    assert point == pytest.approx(float(micro_f1(better.sum(0)) - micro_f1(base.sum(0))))
+    assert 0 < lo <= point <= hi
+
+
+def test_totals_bootstrap_draws_the_same_resamples_as_the_mean_bootstrap():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(30), rng.random(30)
+    with_count = np.column_stack([a, np.ones(30)]), np.column_stack([b, np.ones(30)])
+    mean_of = lambda t: t[..., 0] / t[..., 1]  # noqa: E731
+    assert paired_bootstrap_totals(*with_count, mean_of, 400, 7) == pytest.approx(paired_bootstrap(a, b, 400, 7))
+    idx = bootstrap_indices(30, 400, 7)
+    assert idx.shape == (400, 30) and (bootstrap_indices(30, 400, 7) == idx).all()
+    with pytest.raises(ValueError, match="one shape"):
+        paired_bootstrap_totals(np.ones((3, 2)), np.ones((4, 2)), mean_of, 10, 0)
+
+
+_REFS = ["no pleural effusion heart size normal", "small left pleural effusion", "the lungs are clear",
+         "heart is enlarged no focal consolidation", "calcified granuloma in the right upper lobe lungs clear",
+         "no acute cardiopulmonary abnormality", "mild cardiomegaly no effusion", "no pneumothorax"]
+
+
+def test_corpus_bleu4_from_per_report_counts_is_pycocoevalcaps():
+    hyps = ["no pleural effusion heart normal", "", "lungs are clear", "heart size is normal",
+            "granuloma right upper lobe", "no acute cardiopulmonary abnormality", "cardiomegaly", "no effusion"]
+    counts = bleu_counts(_REFS, hyps)
+    assert counts.shape == (8, 10)
+    assert coco_bleu4(counts.sum(0)) == pytest.approx(coco_scores(_REFS, hyps)["bleu4"], abs=5e-5)
+    sub = [0, 2, 5, 7]  # any subset (a resample's items) is scored as its own corpus
+    assert coco_bleu4(counts[sub].sum(0)) == pytest.approx(
+        coco_scores([_REFS[i] for i in sub], [hyps[i] for i in sub])["bleu4"], abs=5e-5)
+
+
+def test_drafting_intervals_known_answers():
+    perfect = ReportStats.of(_REFS, _REFS, [(2, 0, 0)] * 8)  # every draft is its reference
+    shifted = _REFS[1:] + _REFS[:1]  # every draft is another report
+    wrong = ReportStats.of(_REFS, shifted, [(0, 2, 2)] * 8)
+    same = paired_intervals(wrong, wrong, 300, 0)
+    assert same == {"entity_f1": (0.0, 0.0, 0.0), "bleu4": (0.0, 0.0, 0.0), "rougeL": (0.0, 0.0, 0.0)}
+    better = paired_intervals(perfect, wrong, 300, 0)
+    assert better["entity_f1"] == (1.0, 1.0, 1.0)  # F1 1 vs 0 on every resample
+    assert better["rougeL"][0] == pytest.approx(1.0 - coco_scores(_REFS, shifted)["rougeL"], abs=5e-5)
+    assert better["bleu4"][0] == pytest.approx(1.0 - coco_scores(_REFS, shifted)["bleu4"], abs=5e-5)
+    for _, lo, hi in better.values():
+        assert 0 < lo <= hi <= 1.0 + 1e-9
+    worse = paired_intervals(wrong, perfect, 300, 0)
+    assert all(hi < 0 for _, _, hi in worse.values())

@@ -205,3 +205,34 @@ def test_read_only_bind_mount(synth, tmp_path):
             ix.close()
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+@pytest.mark.integration
+def test_full_disk_is_an_index_error_and_leaves_the_version_intact(synth, tmp_path):
+    """Issue 13 saw SIGBUS on a full tmpfs: the embedded engine wrote into the published version
+    as it opened it. Now the build settles those writes before checksumming, and a full disk is
+    a clear :class:`IndexError_` (the API's 503), after which the version is still intact."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        uris = {b: f"{b}:{mnt}/{b.split('+')[0]}" for b in ("faiss", "qdrant+local")}
+        for uri in uris.values():
+            build_index(synth, uri, CFG, progress=False)
+        with open(mnt / "filler", "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        open_index(uris["faiss"]).close()  # a reader that only reads is unaffected
+        with pytest.raises(IndexError_, match="No space left on device"):
+            open_index(uris["qdrant+local"])
+        (mnt / "filler").unlink()
+        assert verify_version(current_version(mnt / "qdrant"), mode="strict") == []
+        ix = open_index(uris["qdrant+local"])
+        assert len(ix) == 24
+        ix.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

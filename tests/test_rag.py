@@ -6,7 +6,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from eval.drafting import bleu4, rouge_l, tokens
@@ -33,6 +32,16 @@ CARDIO = "The heart is enlarged. No focal consolidation."
 
 def _ctx(cases, prior=None, budget=1500):
     return ContextBuilder(budget).build(cases, prior=prior)
+
+
+def _assert_grounded(draft, ctx) -> None:
+    """Every sentence cites at least one case, every citation is a case of the context (or its prior, as
+    "prior:<id>"), and the consistency checker finds nothing in the draft."""
+    known = {c.study_id for c in ctx.cases} | ({f"prior:{ctx.prior.study_id}"} if ctx.prior else set())
+    for s in draft.sentences():
+        assert s.citations and set(s.citations) <= known, (s.text, s.citations, known)
+    assert draft.citation_share() == 1.0
+    assert ConsistencyChecker().check(draft) == []
 
 
 def _statuses(draft) -> dict[str, set[str]]:
@@ -63,11 +72,12 @@ def test_extractive_never_contradicts_and_cites_every_sentence():
     assert "small left pleural effusion" in text and "no pleural effusion" not in text
     for key, states in _statuses(draft).items():
         assert len(states) == 1, f"contradiction on {key}: {states}"
-    assert draft.citation_share() == 1.0
-    known = {"a", "b", "c"}
-    assert all(set(s.citations) <= known for s in draft.sentences())
-    eff = next(s for s in draft.findings if "effusion" in s.text.lower())
-    assert set(eff.citations) == {"a", "b"}  # cited by every case that agrees, not only its source
+    _assert_grounded(draft, ctx)
+    assert [(s.text, s.citations) for s in draft.findings] == [
+        ("No pneumothorax.", ("a",)),  # only a states it; c's "no pleural effusion" is not support
+        ("Small left pleural effusion.", ("a", "b")),  # every case that agrees, not only its source
+        ("Heart size is normal.", ("a", "b"))]
+    assert all("c" not in s.citations for s in draft.sentences())  # the outvoted case supports nothing
     assert any("effusion" in s.text.lower() for s in draft.impression)
     assert "DRAFT" in draft.render() and "not a final report" in draft.render()
 
@@ -76,9 +86,11 @@ def test_extractive_normal_study_gives_a_normal_impression():
     ctx = _ctx([("n1", 0.9, NORMAL), ("n2", 0.8, "Heart size normal. Lungs clear. No effusion."),
                 ("x", 0.3, CARDIO)])
     draft = ExtractiveGenerator().generate(ctx)
+    _assert_grounded(draft, ctx)
     assert all(st == {"absent"} for st in _statuses(draft).values())
-    assert draft.impression and "no acute" in draft.impression[0].text.lower()
-    assert "n1" in draft.impression[0].citations
+    assert [(s.text, s.citations) for s in draft.impression] == [
+        ("No acute cardiopulmonary abnormality.", ("n1", "n2"))]
+    assert "x" not in {c for s in draft.findings if "clear" in s.text or "effusion" in s.text for c in s.citations}
 
 
 def test_comparison_with_prior_states_interval_change():
@@ -88,15 +100,21 @@ def test_comparison_with_prior_states_interval_change():
              ("b", 0.8, "Large left pleural effusion. Cardiomegaly. No pneumothorax. The lungs are clear."),
              ("c", 0.7, "Moderate cardiomegaly. Large left pleural effusion. No pneumothorax.")]
     prior = ("p1", "Small left pleural effusion. Cardiomegaly. Right upper lobe opacity.", "2020-01-01")
-    draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
+    ctx = _ctx(cases, prior=prior)
+    draft = ExtractiveGenerator().generate(ctx)
+    _assert_grounded(draft, ctx)
     changes = {s.change: s for s in draft.interval_changes}
     assert set(changes) == {"worsened", "unchanged", "resolved"}
     assert "effusion" in changes["worsened"].text and "cardiomegaly" in changes["unchanged"].text
     assert "opacity" in changes["resolved"].text and "right lung" in changes["resolved"].text
     assert changes["resolved"].citations == ("prior:p1", "a", "b")  # the cases that state it gone
-    assert all(s.citations[0] == "prior:p1" for s in draft.interval_changes)
-    new = ExtractiveGenerator().generate(_ctx(cases, prior=("p2", NORMAL, None)))
-    assert any(s.text.startswith("New effusion") for s in new.interval_changes)
+    assert changes["worsened"].citations == changes["unchanged"].citations == ("prior:p1", "a", "b", "c")
+    new_ctx = _ctx(cases, prior=("p2", NORMAL, None))
+    new = ExtractiveGenerator().generate(new_ctx)
+    _assert_grounded(new, new_ctx)
+    assert [(s.text, s.citations) for s in new.interval_changes] == [
+        ("New effusion in the left pleura compared with the prior study.", ("prior:p2", "a", "b", "c")),
+        ("New cardiomegaly compared with the prior study.", ("prior:p2", "a", "b", "c"))]
     assert "COMPARISON:" in new.render()
 
 
@@ -104,6 +122,8 @@ def test_copy_nearest_is_the_top_report_verbatim():
     ctx = _ctx([("a", 0.9, EFFUSION), ("c", 0.4, NORMAL)])
     d = copy_nearest(ctx)
     assert d.text() == EFFUSION and d.cases_used == [{"study_id": "a", "score": 0.9}]
+    assert [s.citations for s in d.sentences()] == [("a",)] * 3  # every sentence cites the copied case
+    _assert_grounded(d, ctx)
 
 
 def test_parse_generated_keeps_only_known_citations():
@@ -298,7 +318,9 @@ def test_cli_draft_with_prior(tmp_path, capsys):
     assert "s1" not in used and len(used) == 4
     assert any("effusion" in s["text"] for s in d["findings"])
     assert any(s["text"].startswith("New effusion") and s["citations"][0] == "prior:s1" for s in d["interval_changes"])
-    assert all(s["citations"] for s in d["findings"] + d["impression"])
+    every = d["findings"] + d["impression"] + d["interval_changes"]
+    assert every and all(s["citations"] and set(s["citations"]) <= used | {"prior:s1"} for s in every)
+    assert {c for s in d["findings"] for c in s["citations"]} <= used  # findings cite retrieved cases only
     assert main(["draft", "--index", uri, "--image", str(query), "--generator", "http"]) == 2
     assert "--base-url and --model" in capsys.readouterr().err
 
@@ -311,17 +333,42 @@ def test_eval_draft_leave_one_out(tmp_path, capsys):
     reps = [EFFUSION, EFFUSION2, NORMAL, "No effusion. Lungs clear. No acute disease.", CARDIO,
             "Cardiomegaly. No consolidation or effusion."]
     write_manifest(tmp_path / "m.jsonl", [Study(study_id=f"r{i}", images=[], report=r) for i, r in enumerate(reps)])
-    assert main(["eval", "draft", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "-k", "2"]) == 0
+    assert main(["eval", "draft", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "-k", "2",
+                 "--bootstrap", "500"]) == 0
     out = capsys.readouterr().out
-    assert "extractive" in out and "copy-nearest" in out and "edit-nearest" in out
     r = json.loads((tmp_path / "o" / "draft.json").read_text())
     assert r["counts"]["queries"] == 6 and set(r["settings"]) == {"all", "no-duplicates"}
-    methods = r["settings"]["all"]["methods"]
-    for m in ("extractive", "copy-nearest", "edit-nearest"):
-        assert 0.0 <= methods[m]["entity"]["f1"] <= 1.0
-        assert methods[m]["cited_sentence_share"] == 1.0
+    assert r["counts"]["queries_with_exact_twin"] == 0  # six distinct texts: both settings are the same run
+    assert r["settings"]["all"]["methods"] == r["settings"]["no-duplicates"]["methods"]
+    res = r["settings"]["all"]
+    methods = res["methods"]
+    assert set(methods) == {"copy-nearest", "extractive", "extractive+check", "copy-consensus", "edit-nearest",
+                            "edit-nearest+neg", "edit-consensus", "edit-nearest+len"}
+    assert res["drafts"] == 6 and res["reference_contradictions_per_100"] == 0.0  # six clean reports
+    for m, x in methods.items():
+        assert x["cited_sentence_share"] == 1.0, m
+        if m not in ("extractive", "copy-nearest", "copy-consensus"):  # the drafters that run the checker
+            assert x["contradictions_per_100"] == 0.0, m
+    # copy-nearest copies one of these clean reports: nothing to contradict
+    assert methods["copy-nearest"]["contradictions_per_100"] == 0.0
     assert methods["extractive"]["entity"]["f1"] > 0.3
-    assert np.isfinite(methods["copy-nearest"]["bleu4"]) and methods["edit-nearest"]["contradictions_per_100"] == 0
+    # intervals: every other method against copy-nearest, centred on the table's own difference
+    vs = res["vs_copy_nearest"]
+    assert vs["baseline"] == "copy-nearest" and vs["resamples"] == 500 and vs["seed"] == 0
+    assert set(vs["methods"]) == set(methods) - {"copy-nearest"}
+    base = methods["copy-nearest"]
+    for m, iv in vs["methods"].items():
+        for metric, table in (("entity_f1", lambda x: x["entity"]["f1"]), ("bleu4", lambda x: x["bleu4"]),
+                              ("rougeL", lambda x: x["rougeL"])):
+            d, lo, hi = iv[metric]
+            assert lo <= d <= hi, (m, metric)
+            assert d == pytest.approx(table(methods[m]) - table(base), abs=2e-4), (m, metric)
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("method - copy-nearest, paired bootstrap"))
+    assert "500 resamples" in lines[head] and "BLEU-4 corpus-level" in lines[head]
+    row = next(line for line in lines[head:] if line.startswith("edit-nearest+len"))
+    f1 = vs["methods"]["edit-nearest+len"]["entity_f1"]
+    assert f"{f1[0]:+.4f} [{f1[1]:+.4f}, {f1[2]:+.4f}]" in row
 
 
 def test_eval_draft_separate_corpus_and_duplicate_exclusion(tmp_path):
@@ -342,6 +389,13 @@ def test_eval_draft_separate_corpus_and_duplicate_exclusion(tmp_path):
     assert c["exact_twins_removed"] == 1
     keep, drop = r["settings"]["all"]["methods"], r["settings"]["no-duplicates"]["methods"]
     assert keep["copy-nearest"]["bleu4"] >= drop["copy-nearest"]["bleu4"]
+    # v0's twin (NORMAL, t2) is its nearest report with twins kept: that draft scores 1 per report
+    assert keep["copy-nearest"]["rougeL"] > drop["copy-nearest"]["rougeL"]
+    for st in ("all", "no-duplicates"):
+        assert set(r["settings"][st]["vs_copy_nearest"]["methods"]) == {"edit-nearest"}
+    none = run(tmp_path / "val.jsonl", tmp_path / "o2", k=2, corpus=tmp_path / "train.jsonl",
+               only=("edit-nearest",), duplicates="exclude")  # no copy-nearest: nothing to compare with
+    assert set(none["settings"]) == {"no-duplicates"} and "vs_copy_nearest" not in none["settings"]["no-duplicates"]
 
 
 def test_extractive_no_contradiction_across_anatomy_levels():
@@ -350,16 +404,21 @@ def test_extractive_no_contradiction_across_anatomy_levels():
                 ("b", 0.85, "Patchy opacity in the left lower lobe. Heart size is normal."),
                 ("c", 0.8, "Patchy opacity in the left lower lobe.")])
     draft = ExtractiveGenerator().generate(ctx)
+    _assert_grounded(draft, ctx)
     text = draft.text().lower()
     assert "opacity in the left lower lobe" in text and "lungs are clear" not in text
     assert "heart size is normal" in text
+    opacity = next(s for s in draft.findings if "opacity" in s.text.lower())
+    assert opacity.citations == ("b", "c")  # a (lungs clear) contradicts it and is not cited
 
 
 def test_comparison_with_hedged_states():
     cases = [("a", 0.9, "Possible nodule in the right upper lobe. Cardiomegaly."),
              ("b", 0.8, "Possible right upper lobe nodule. Cardiomegaly. No effusion."), ("c", 0.7, "Cardiomegaly.")]
     prior = ("p", "Nodule in the right upper lobe. Possible cardiomegaly.", None)
-    draft = ExtractiveGenerator().generate(_ctx(cases, prior=prior))
+    ctx = _ctx(cases, prior=prior)
+    draft = ExtractiveGenerator().generate(ctx)
+    _assert_grounded(draft, ctx)
     texts = [s.text for s in draft.interval_changes]
     assert "Possible persistent nodule in the right lung; less definite than on the prior study." in texts
     persistent = next(s for s in draft.interval_changes if s.text.startswith("Possible persistent"))
@@ -376,6 +435,7 @@ def test_silent_analogs_do_not_resolve_a_prior_finding():
               ("b", 0.8, "Heart size is normal. No pneumothorax."), ("c", 0.7, "Normal heart size.")]
     for gen in (ExtractiveGenerator(), EditNearestGenerator()):
         draft = gen.generate(_ctx(silent, prior=prior))
+        _assert_grounded(draft, _ctx(silent, prior=prior))
         texts = [s.text for s in draft.interval_changes]
         assert not any("resolution" in t.lower() for t in texts), texts
         hedged = next(s for s in draft.interval_changes if "not assessed" in s.text)
@@ -403,6 +463,7 @@ def test_consensus_edit_replaces_a_lone_finding_and_keeps_the_wording():
              ("c", 0.8, "The heart is normal. The lungs are clear. No pneumothorax."),
              ("d", 0.75, "Normal heart size. The lungs are clear.")]
     d = ConsensusEditGenerator().generate(_ctx(cases))
+    _assert_grounded(d, _ctx(cases))
     # no other case states a granuloma: its sentence goes, replaced in place by the consensus's
     assert d.text() == "Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."
     assert d.findings[1].citations == ("b", "c", "d") and not ConsistencyChecker().check(d)
@@ -410,3 +471,25 @@ def test_consensus_edit_replaces_a_lone_finding_and_keeps_the_wording():
     kept = [cases[0], ("b", 0.85, "Calcified granuloma in the left lung. Heart size is normal."), *cases[2:]]
     assert "Calcified granuloma in the right upper lobe." in ConsensusEditGenerator().generate(_ctx(kept)).text()
     assert copy_nearest(_ctx(cases)).text() == base
+
+
+def test_every_scored_drafting_method_cites_only_retrieved_cases():
+    from eval.drafting import methods
+
+    contexts = [
+        _ctx([("a", 0.9, EFFUSION), ("b", 0.85, EFFUSION2), ("c", 0.4, NORMAL)]),
+        _ctx([("a", 0.9, "The lungs are clear. Heart size is normal."),
+              ("b", 0.85, "Patchy opacity in the left lower lobe. Heart size is normal."),
+              ("c", 0.8, "Patchy opacity in the left lower lobe.")]),
+        _ctx([("n1", 0.9, NORMAL), ("n2", 0.8, "Heart size normal. Lungs clear. No effusion."), ("x", 0.3, CARDIO)]),
+    ]
+    unchecked = {"copy-nearest", "extractive", "copy-consensus"}  # these never run the consistency checker
+    for name, draft in methods().items():
+        for ctx in contexts:
+            d = draft(ctx)
+            assert d.sentences(), name
+            if name in unchecked:
+                known = {c.study_id for c in ctx.cases}
+                assert all(s.citations and set(s.citations) <= known for s in d.sentences()), name
+            else:
+                _assert_grounded(d, ctx)

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ed.add_argument("--methods", help="comma-separated subset of the drafting methods")
     ed.add_argument("-k", type=int, default=5, help="retrieved cases per draft")
     ed.add_argument("--max-queries", type=int)
-    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--seed", type=int, default=0, help="query sample and bootstrap seed")
+    ed.add_argument("--bootstrap", type=int, default=2000,
+                    help="paired-bootstrap resamples for the 95%% CIs of (method - copy-nearest); 0: none")
     ed.add_argument("--device", default="cpu")
     ed.set_defaults(func=_cmd_eval_draft)
     el = ev.add_parser("load", help="API load benchmark: req/s and p50/p99 from a second process on loopback")
@@ -137,7 +139,7 @@ def _cmd_eval_draft(a: argparse.Namespace) -> int:
 
     only = tuple(x.strip() for x in a.methods.split(",") if x.strip()) if a.methods else None
     r = run(a.manifest, a.out, k=a.k, max_queries=a.max_queries, seed=a.seed, device=a.device,
-            corpus=a.corpus, duplicates=a.duplicates, only=only)
+            corpus=a.corpus, duplicates=a.duplicates, only=only, bootstrap=a.bootstrap)
     print(format_table(r))
     print(f"k={r['k']}, {r['seconds']}s; wrote {a.out}/draft.json")
     return 0
