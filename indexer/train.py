@@ -92,6 +92,7 @@ class TrainConfig:
     probe_c: float = 0.0  # > 0: fit a linear probe on the tower's pooled features (inverse L2 strength)
     probe_weight: float = 10.0  # weight of the probe's probabilities in the retrieval vector
     probe_sizes: tuple[int, ...] = ()  # the probe also reads pooled features at these input sides
+    spatial_prior: float = 0.0  # > 0: frontal-radiograph atlas bias on anatomy attention (retrieval/encoders/atlas.py)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch default)
@@ -275,7 +276,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
                         label_readout=cfg.label_readout if cfg.w_label > 0 else 0.0,
                         probe_labels=(*data.label_keys, NORMAL) if cfg.probe_c > 0 else (),
                         probe_weight=cfg.probe_weight if cfg.probe_c > 0 else 0.0,
-                        probe_sizes=tuple(cfg.probe_sizes) if cfg.probe_c > 0 else ())
+                        probe_sizes=tuple(cfg.probe_sizes) if cfg.probe_c > 0 else (),
+                        spatial_prior=cfg.spatial_prior)
     torch.manual_seed(cfg.seed)
     model = build_model(ncfg).to(cfg.device)
     tuned = tower_stage_modules(model, ncfg)
@@ -498,9 +500,8 @@ def _prefix_views(model: Any, images: np.ndarray, split: int, cfg: TrainConfig, 
 def _embed_tokens(model: Any, tok: Any, aidx: Any) -> Any:
     import torch
 
-    q = model.queries(aidx).unsqueeze(1)
-    pooled, _ = model.attn(q, tok, tok, need_weights=False)
-    return torch.nn.functional.normalize(model.head(model.norm(pooled.squeeze(1) + q.squeeze(1))), dim=-1)
+    h, _ = model.attend(tok, aidx)
+    return torch.nn.functional.normalize(model.head(h), dim=-1)
 
 
 def _validate(model: Any, data: _Data, val_studies: np.ndarray, anatomies: Sequence[str],

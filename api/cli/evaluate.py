@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ev_cv.add_argument("--image-size", type=int, help="override the preset's input side")
     ev_cv.add_argument("--probe-c", type=float, help="override the preset's linear-probe C (0: no probe)")
     ev_cv.add_argument("--probe-weight", type=float, help="override the preset's probe weight")
+    ev_cv.add_argument("--spatial-prior", type=float, help="override the preset's atlas attention bias")
     ev_cv.add_argument("-k", type=int, default=10)
     ev_cv.add_argument("--device", default="cpu")
     ev_cv.set_defaults(func=_cmd_eval_cxr_cv)
@@ -171,7 +172,8 @@ def _cmd_eval_cxr_cv(a: argparse.Namespace) -> int:
 
     preset = a.preset or ("cxr-notes-cpu" if (Path(a.folder) / "metadata.csv").is_file() else "cxr-cpu")
     over = {k: v for k, v in {"epochs": a.epochs, "image_size": a.image_size, "probe_c": a.probe_c,
-                              "probe_weight": a.probe_weight}.items() if v is not None}
+                              "probe_weight": a.probe_weight, "spatial_prior": a.spatial_prior}.items()
+            if v is not None}
     cfg = replace(PRESETS[preset], **over)
     r = cross_validate(a.folder, cfg, a.out, folds=a.folds, cfg=CxrEvalConfig(k=a.k), device=a.device)
     print(format_table(r))

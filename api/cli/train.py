@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="fit a linear label probe on the tower's pooled features with this inverse L2 strength "
                         "(0: none); its probabilities join the embedding")
     t.add_argument("--probe-weight", type=float, help="weight of the probe's probabilities in the embedding")
+    t.add_argument("--spatial-prior", type=float,
+                   help="strength of the frontal-radiograph atlas bias on anatomy attention (0: none)")
     t.add_argument("--probe-sizes", help="comma-separated extra input sides the probe also reads (e.g. 448; '' for none)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -65,7 +67,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
                               "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,
                               "checkpoint_dtype": "float16" if a.half_checkpoint else None,
                               "label_readout": a.label_readout, "probe_c": a.probe_c,
-                              "probe_weight": a.probe_weight}.items()
+                              "probe_weight": a.probe_weight, "spatial_prior": a.spatial_prior}.items()
             if v is not None}
     if a.probe_sizes is not None:
         over["probe_sizes"] = tuple(int(x) for x in a.probe_sizes.split(",") if x.strip())

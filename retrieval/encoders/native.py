@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.encoders.atlas import atlas_bias
 from retrieval.encoders.base import EncoderError, l2_normalise
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import resize
@@ -51,6 +52,7 @@ class NativeConfig:
     probe_labels: tuple[str, ...] = ()  # label keys ("coarse|finding", or NORMAL) of the linear probe
     probe_weight: float = 0.0  # > 0: embeddings carry the probe's label probabilities (see linear_probe)
     probe_sizes: tuple[int, ...] = ()  # more input sides whose pooled tower features the probe also reads
+    spatial_prior: float = 0.0  # > 0: frontal-radiograph atlas bias on each anatomy's attention (atlas.py)
 
     @property
     def dim(self) -> int:
@@ -120,6 +122,23 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             self.probe = (linear_probe(int(tower.out_dim) * (1 + len(cfg.probe_sizes)), len(cfg.probe_labels))
                           if cfg.probe_labels else None)
             self.register_buffer("probe_mask", torch.from_numpy(probe_anatomy_mask(cfg)), persistent=False)
+            g = int(round(n_tokens ** 0.5))
+            if cfg.spatial_prior > 0 and g * g != n_tokens:
+                raise ValueError(f"spatial_prior needs a square patch grid; tower {cfg.tower} gives {n_tokens} tokens")
+            self.register_buffer("prior", torch.from_numpy(atlas_bias(cfg.anatomies, g, cfg.spatial_prior)),
+                                 persistent=False)
+
+        def attend(self, tok: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The condition's query attends over the patch tokens (with the atlas bias, if any):
+            (B, token_dim) pooled and normalised, and the attention weights when asked."""
+            q = self.queries(anatomy_idx).unsqueeze(1)
+            mask = None
+            if cfg.spatial_prior > 0:
+                bias: torch.Tensor = self.prior[anatomy_idx].unsqueeze(1)  # type: ignore[index]
+                mask = bias.repeat_interleave(cfg.heads, dim=0).to(tok.dtype)  # (B * heads, 1, tokens)
+            out, attn = self.attn(q, tok, tok, attn_mask=mask, need_weights=weights, average_attn_weights=True)
+            return self.norm(out.squeeze(1) + q.squeeze(1)), attn
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = self.to_tokens(self.tower(x)) + self.pos
@@ -136,19 +155,13 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
 
         def pooled(self, x: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            tok = self.tokens(x)
-            q = self.queries(anatomy_idx).unsqueeze(1)
-            out, attn = self.attn(q, tok, tok, need_weights=weights, average_attn_weights=True)
-            return self.norm(out.squeeze(1) + q.squeeze(1)), attn
+            return self.attend(self.tokens(x), anatomy_idx, weights)
 
         def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor, more: torch.Tensor | None = None) -> torch.Tensor:
             """``more``: pooled tower features at ``probe_sizes`` (the encoder computes them from
             the original images; a probe that reads them cannot run without them)."""
             raw = self.tower(x)
-            tok = self.to_tokens(raw) + self.pos
-            q = self.queries(anatomy_idx).unsqueeze(1)
-            out, _ = self.attn(q, tok, tok, need_weights=False)
-            h = self.norm(out.squeeze(1) + q.squeeze(1))
+            h, _ = self.attend(self.to_tokens(raw) + self.pos, anatomy_idx)
             probe = None
             if self.probe is not None and cfg.probe_weight > 0:
                 if cfg.probe_sizes and more is None:
@@ -347,9 +360,8 @@ class NativeEncoder:
             features = self._pooled(images, raw)
             for a in anatomies:
                 idx = torch.full((len(images),), self.anatomy_index(a), dtype=torch.long, device=self.device)
-                q = self.model.queries(idx).unsqueeze(1)
-                attended, _ = self.model.attn(q, tok, tok, need_weights=False)
-                z = self.model.head(self.model.norm(attended.squeeze(1) + q.squeeze(1)))
+                h, _ = self.model.attend(tok, idx)
+                z = self.model.head(h)
                 probe = None if features is None else self.model.probe_probs(features, idx)
                 z = self.model.readout(torch.nn.functional.normalize(z, dim=-1), probe)
                 out[a] = l2_normalise(z.float().cpu().numpy())
