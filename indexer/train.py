@@ -106,21 +106,24 @@ PRESETS = {
     # computed once and the anatomy-conditioned head learns in minutes on 2 CPU cores. Chosen by
     # 5-fold patient cross-validation on the shared NIH sample only (README, "Real chest X-rays");
     # tuning the last stages (tune="last:3", augment=True) measured no better there and costs ~10x.
+    # spatial_prior=3 (the frontal atlas, retrieval/encoders/atlas.py) was set a priori, not tuned:
+    # it left the NIH figures unchanged and made the lung queries look at their own lung.
     "cxr-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="none", image_size=224,
                            embed_dim=128, token_dim=256, epochs=30, batch_size=64, lr=1e-3, tower_lr_scale=0.1,
                            augment=False, aug_views=2, w_label=1.0, w_align=0.0, threads=2,
                            anatomies=("lung", "left lung", "right lung", "heart", "pleura"), val_fraction=0.1,
-                           probe_c=3e-4, probe_weight=10.0, probe_sizes=(448,)),
+                           probe_c=3e-4, probe_weight=10.0, probe_sizes=(448,), spatial_prior=3.0),
     # images with free-text notes: the same, plus image<->note alignment through the MiniLM text tower
     "cxr-notes-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="none", image_size=224,
                                  embed_dim=128, token_dim=256, epochs=30, batch_size=64, lr=1e-3,
                                  tower_lr_scale=0.1, augment=False, aug_views=2, w_label=1.0, w_align=0.5,
                                  threads=2, anatomies=("lung", "left lung", "right lung", "heart", "pleura"),
-                                 val_fraction=0.1),
+                                 val_fraction=0.1, spatial_prior=3.0),
     "cxr-gpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="all", image_size=384,
                            embed_dim=256, token_dim=256, epochs=30, batch_size=64, lr=1e-3, tower_lr_scale=0.1,
                            augment=True, w_label=1.0, w_align=0.0, anatomies=("lung", "left lung", "right lung",
-                                                                              "heart", "pleura"), device="cuda"),
+                                                                              "heart", "pleura"), device="cuda",
+                           spatial_prior=3.0),
 }
 
 
