@@ -324,7 +324,8 @@ async def _watch(app: Litestar, settings: Settings) -> None:
     """Poll the published version; open a newer one beside the served one and swap it in."""
     from retrieval.index import published_version
 
-    failed: str | None = None
+    failed: str | None = None  # a version that failed to open is retried every reload_retry_s (a disk
+    failed_at = 0.0  # freed, a file restored in place), not at every poll (each try verifies checksums)
     while True:
         await anyio.sleep(settings.reload_interval_s)
         try:
@@ -333,12 +334,14 @@ async def _watch(app: Litestar, settings: Settings) -> None:
             app.state.reload_error = f"cannot read the published version: {_reason(exc)}"
             continue
         old: Service | None = app.state.get("service")
-        if latest is None or latest == failed or (old is not None and latest == old.version):
+        if latest is None or (old is not None and latest == old.version):
+            continue
+        if latest == failed and time.monotonic() - failed_at < settings.reload_retry_s:
             continue
         try:
             new = await anyio.to_thread.run_sync(functools.partial(Service, settings, previous=old))
         except Exception as exc:  # noqa: BLE001 - the served version keeps serving
-            failed = latest
+            failed, failed_at = latest, time.monotonic()
             reason = f"version {latest} not served: {_reason(exc)}"
             if old is None:
                 app.state.startup_error = reason

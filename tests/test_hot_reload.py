@@ -46,9 +46,9 @@ def keys(tmp_path_factory):
     return path, {"Authorization": f"Bearer {add_key(path, 'reader')}"}
 
 
-def client(uri: str, keys) -> AsyncTestClient:
+def client(uri: str, keys, **over) -> AsyncTestClient:
     return AsyncTestClient(app=create_app(Settings(index=uri, api_keys_file=str(keys[0]), reload_interval_s=POLL,
-                                                   reload_grace_s=0.5)))
+                                                   reload_grace_s=0.5, **over)))
 
 
 async def wait_for(c: AsyncTestClient, pred, timeout: float = 20.0) -> dict:
@@ -141,3 +141,19 @@ def test_public_reason_hides_paths_only():
     assert "/srv" not in out and "MRN-8675300" not in out
     assert out.startswith("no published index at <path> (missing CURRENT)")
     assert "0.faiss: 64 bytes, expected 4141" in out
+
+
+async def test_a_version_repaired_in_place_is_tried_again(synth, keys, tmp_path):
+    """A failed version is retried every reload_retry_s: freeing a full disk or restoring a file
+    in place (no new version published) must not leave the service unready forever."""
+    uri = f"faiss:{tmp_path}/ix"
+    build_index(synth, uri, CFG, progress=False)
+    f = next(current_version(tmp_path / "ix").glob("*.faiss"))
+    good = f.read_bytes()
+    f.write_bytes(good[:100])
+    async with client(uri, keys, reload_retry_s=0.5) as c:
+        h = (await c.get("/health")).json()
+        assert not h["ready"] and "truncated" in h["detail"]
+        f.write_bytes(good)  # the admin restores the file from a backup
+        h = await wait_for(c, lambda h: h["ready"])
+        assert h["index"]["version"] == "v000001"
