@@ -41,8 +41,29 @@ class VerifyReport:
 
 
 def verify_index(uri: str, repair: bool = False, work_dir: str | Path | None = None) -> VerifyReport:
-    from indexer.build import state_dir_for, writer_state
+    """Inspect the index; with ``repair``, inspect under the writer lock (no build changes the
+    segments meanwhile) and heal what that one pass found."""
+    from indexer.build import rebuild_locked, state_dir_for, writer_state
 
+    if not repair:
+        return _inspect(uri, Path(work_dir) if work_dir else state_dir_for(uri))[0]
+    with writer_state(uri, work_dir) as locked:
+        rep, damaged = _inspect(uri, locked)
+        if rep.ok:
+            return rep
+        loc = parse_uri(uri)
+        if loc.path is not None:
+            collect_staging(loc.path)
+        for store, f, why in damaged:
+            store.quarantine(f, why)
+        if rep.version_problems or damaged:
+            rep.new_version = rebuild_locked(uri, locked).version
+        rep.repaired = True
+    return rep
+
+
+def _inspect(uri: str, state: Path) -> tuple[VerifyReport, list[tuple[SegmentStore, Path, str]]]:
+    """The report, and each damaged segment with its store and reason (read once, whole)."""
     rep = VerifyReport(uri=uri)
     loc = parse_uri(uri)
     if loc.path is not None:
@@ -53,31 +74,19 @@ def verify_index(uri: str, repair: bool = False, work_dir: str | Path | None = N
         except Exception as exc:  # noqa: BLE001 - any unreadable state is a finding, not a crash
             rep.version_problems = [str(exc)]
         rep.staging_leftovers = [p.name for p in stale_staging(loc.path)]
-    state = Path(work_dir) if work_dir else state_dir_for(uri)
-    stores = [SegmentStore(d, collect=False) for d in sorted((state / "segments").glob("*")) if d.is_dir()]
-    for store in stores:
+    damaged = []
+    for d in sorted((state / "segments").glob("*")):
+        if not d.is_dir():
+            continue
+        store = SegmentStore(d, collect=False)
         rep.quarantined_before += len(list((store.root / QUARANTINE).glob("*.npz")))
         for f in store.files():
             rep.segments += 1
             why = store.check(f)
             if why:
+                damaged.append((store, f, why))
                 rep.damaged_segments.append(f"{f.name}: {why}")
-    if not repair or rep.ok:
-        return rep
-    with writer_state(uri, work_dir) as locked:
-        if loc.path is not None:
-            collect_staging(loc.path)
-        for store in stores:
-            for f in store.files():
-                why = store.check(f)
-                if why:
-                    store.quarantine(f, why)
-        if rep.version_problems or rep.damaged_segments:
-            from indexer.build import rebuild_locked
-
-            rep.new_version = rebuild_locked(uri, locked).version
-        rep.repaired = True
-    return rep
+    return rep, damaged
 
 
 def format_report(rep: VerifyReport) -> str:
