@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,22 +112,25 @@ def create_key(keys_file: Path, name: str) -> str:
     return out.strip().splitlines()[-1].strip()
 
 
-def start_server(uri: str, keys_file: str | Path | None, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """``medrag serve`` in its own process on a free loopback port; returns once it is ready.
+def start_server(uri: str, keys_file: str | Path | None, timeout: float = 180.0, extra: Sequence[str] = (),
+                 wait_ready: bool = True) -> tuple[subprocess.Popen, str]:
+    """``medrag serve`` in its own process on a free loopback port; returns once it is ready (or,
+    with ``wait_ready=False``, once it answers ``/health/live``: a server on a damaged index).
 
-    ``keys_file=None`` serves with ``--allow-anonymous`` (local development)."""
+    ``keys_file=None`` serves with ``--allow-anonymous`` (local development); ``extra``: more
+    ``medrag serve`` options."""
     import httpx
 
     port = _free_port()
     auth = ["--api-keys", str(keys_file)] if keys_file is not None else ["--allow-anonymous"]
     proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--index", uri, *auth,
-                             "--port", str(port), "--no-text-encoder"],
+                             "--port", str(port), "--no-text-encoder", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.perf_counter() + timeout
     while True:
         try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+            if httpx.get(url + ("/health/ready" if wait_ready else "/health/live"), timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             pass

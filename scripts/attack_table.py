@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from eval.load import create_key, start_server, stop_server  # noqa: E402
 from eval.synthetic import generate  # noqa: E402
 from indexer.build import BuildConfig, build_index, delete_studies, state_dir_for  # noqa: E402
 from indexer.verify import verify_index  # noqa: E402
@@ -192,12 +192,6 @@ def kill_attack(work: Path, manifest: Path, kills: int) -> None:
 
 
 # ---- the server -------------------------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, key: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
@@ -208,31 +202,20 @@ def _get(url: str, key: str | None = None, timeout: float = 5.0) -> tuple[int, s
 
 
 class Server:
+    """``medrag serve`` on a free port (eval.load's helpers), polling for new versions every 1 s;
+    up as soon as it answers /health/live, since a damaged index never becomes ready."""
+
     def __init__(self, uri: str, work: Path) -> None:
-        self.port = _port()
-        keys = work / f"keys-{self.port}.json"
-        out = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--api-keys", str(keys), "--add-key", "a"],
-                             cwd=ROOT, capture_output=True, text=True, check=True)
-        self.key = out.stdout.strip().split()[-1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--index", uri, "--api-keys", str(keys),
-                                      "--port", str(self.port), "--no-text-encoder", "--reload-interval", "1"],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{self.port}"
-        t0 = time.time()
-        while time.time() - t0 < 60:
-            try:
-                _get(self.base + "/health/live", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        keys = Path(tempfile.mkdtemp(dir=work)) / "keys.json"
+        self.key = create_key(keys, "attack")
+        self.proc, self.base = start_server(uri, keys, timeout=60, extra=("--reload-interval", "1"),
+                                            wait_ready=False)
 
     def health(self) -> dict:
         return json.loads(_get(self.base + "/health")[1])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop_server(self.proc)
 
 
 def server_states_attack(work: Path, manifest: Path) -> None:
