@@ -34,7 +34,9 @@ checker: the drafter as it was), ``extractive+check``, ``edit-nearest`` and ``ed
 consensus's negative statements), ``copy-consensus`` (the consensus report verbatim),
 ``edit-nearest+len`` (:class:`~retrieval.rag.extractive.ConsensusEditGenerator`: the nearest report
 edited only where the other cases disagree strongly, deleted sentences replaced by the most similar
-allowed sentence, length kept).
+allowed sentence, length kept), ``copy-mbr`` (:class:`~retrieval.rag.mbr.CopyMBRGenerator`: the
+minimum-Bayes-risk report of the retrieved cases verbatim) and ``mbr+len`` (the edit-nearest+len
+editing applied to that MBR report instead of the nearest).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from retrieval.rag.extractive import (
     ExtractiveGenerator,
     copy_nearest,
 )
+from retrieval.rag.mbr import CopyMBRGenerator
 from retrieval.rag.overlap import rouge_l
 from retrieval.rag.types import Draft, DraftContext
 from retrieval.records import Label, Study, as_labels
@@ -130,7 +133,8 @@ def methods() -> dict[str, Callable[[DraftContext], Draft]]:
     return {"copy-nearest": copy_nearest, "extractive": extractive.generate, "extractive+check": checked.generate,
             "copy-consensus": copy_consensus.generate, "edit-nearest": edit_nearest.generate,
             "edit-nearest+neg": edit_negatives.generate,
-            "edit-consensus": edit_consensus.generate, "edit-nearest+len": ConsensusEditGenerator().generate}
+            "edit-consensus": edit_consensus.generate, "edit-nearest+len": ConsensusEditGenerator().generate,
+            "copy-mbr": CopyMBRGenerator().generate, "mbr+len": ConsensusEditGenerator(base="mbr").generate}
 
 
 def coco_scores(refs: list[str], hyps: list[str]) -> dict[str, float]:

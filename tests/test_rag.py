@@ -321,6 +321,13 @@ def test_cli_draft_with_prior(tmp_path, capsys):
     every = d["findings"] + d["impression"] + d["interval_changes"]
     assert every and all(s["citations"] and set(s["citations"]) <= used | {"prior:s1"} for s in every)
     assert {c for s in d["findings"] for c in s["citations"]} <= used  # findings cite retrieved cases only
+    for base in ("nearest+len", "mbr+len"):  # retrieve-and-edit: every sentence cites a retrieved case
+        assert main(["draft", "--index", uri, "--image", str(query), "--generator", "edit", "--edit-base", base,
+                     "-k", "4", "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["generator"] == base.replace("nearest+len", "edit-nearest+len")
+        used = {c["study_id"] for c in d["cases_used"]}
+        assert d["findings"] and all(s["citations"] and set(s["citations"]) <= used for s in d["findings"])
     assert main(["draft", "--index", uri, "--image", str(query), "--generator", "http"]) == 2
     assert "--base-url and --model" in capsys.readouterr().err
 
@@ -343,11 +350,11 @@ def test_eval_draft_leave_one_out(tmp_path, capsys):
     res = r["settings"]["all"]
     methods = res["methods"]
     assert set(methods) == {"copy-nearest", "extractive", "extractive+check", "copy-consensus", "edit-nearest",
-                            "edit-nearest+neg", "edit-consensus", "edit-nearest+len"}
+                            "edit-nearest+neg", "edit-consensus", "edit-nearest+len", "copy-mbr", "mbr+len"}
     assert res["drafts"] == 6 and res["reference_contradictions_per_100"] == 0.0  # six clean reports
     for m, x in methods.items():
         assert x["cited_sentence_share"] == 1.0, m
-        if m not in ("extractive", "copy-nearest", "copy-consensus"):  # the drafters that run the checker
+        if m not in ("extractive", "copy-nearest", "copy-consensus", "copy-mbr"):  # the drafters that run the checker
             assert x["contradictions_per_100"] == 0.0, m
     # copy-nearest copies one of these clean reports: nothing to contradict
     assert methods["copy-nearest"]["contradictions_per_100"] == 0.0
@@ -483,7 +490,7 @@ def test_every_scored_drafting_method_cites_only_retrieved_cases():
               ("c", 0.8, "Patchy opacity in the left lower lobe.")]),
         _ctx([("n1", 0.9, NORMAL), ("n2", 0.8, "Heart size normal. Lungs clear. No effusion."), ("x", 0.3, CARDIO)]),
     ]
-    unchecked = {"copy-nearest", "extractive", "copy-consensus"}  # these never run the consistency checker
+    unchecked = {"copy-nearest", "extractive", "copy-consensus", "copy-mbr"}  # these never run the consistency checker
     for name, draft in methods().items():
         for ctx in contexts:
             d = draft(ctx)
@@ -493,3 +500,46 @@ def test_every_scored_drafting_method_cites_only_retrieved_cases():
                 assert all(s.citations and set(s.citations) <= known for s in d.sentences()), name
             else:
                 _assert_grounded(d, ctx)
+
+
+def test_mbr_base_is_the_report_most_like_the_others_and_keeps_citations():
+    from retrieval.rag import create_generator
+    from retrieval.rag.extractive import ConsensusEditGenerator
+    from retrieval.rag.mbr import CopyMBRGenerator, bleu2, mbr_base, mbr_utilities, token_f1, words
+
+    short = "The heart is normal. The lungs are clear."
+    middle = "The heart is normal. The lungs are clear. No pleural effusion."
+    long = "The heart is normal. The lungs are clear. No pleural effusion. No pneumothorax."
+    cases = [("a", 0.9, short), ("b", 0.899, middle), ("c", 0.898, long)]
+    ctx = _ctx(cases)
+    # the middle report contains the short one and is contained in the long one: it is the closest
+    # to both others under every similarity, so MBR picks it over the nearest (rank 1)
+    for sim in ("rougeL", "bleu2", "f1"):
+        u = mbr_utilities(ctx.cases, sim, score_weight=0.0)
+        assert u[1] > max(u[0], u[2]), (sim, u)
+        assert mbr_base(ctx.cases, similarity=sim, score_weight=0.0).study_id == "b"
+    # token F1: a = (16/19 + 16/21) / 2, b = (16/19 + 22/24) / 2 (near-equal weights), + 15 x score
+    u = mbr_utilities(ctx.cases)  # the defaults chosen on train
+    assert u[1] - u[0] == pytest.approx(0.5 * (22 / 24 - 16 / 21) - 15 * 0.001, abs=2e-3)
+    assert mbr_base(ctx.cases).study_id == "b"
+    # a large weight on the retrieval score gives the nearest back; fewer than 3 cases: the nearest
+    assert mbr_base(ctx.cases, score_weight=1000.0).study_id == "a"
+    assert mbr_base(ctx.cases[:2]).study_id == "a"
+    assert mbr_base(ctx.cases, pool=2).study_id == "a"
+    assert bleu2(words(short), words(short)) == pytest.approx(1.0) and token_f1(words(short), []) == 0.0
+
+    copy = CopyMBRGenerator().generate(ctx)
+    assert copy.text() == middle and copy.cases_used == [{"study_id": "b", "score": 0.899}]
+    assert [s.citations for s in copy.sentences()] == [("b",)] * 3  # every sentence cites the copied case
+    _assert_grounded(copy, ctx)
+
+    edit = ConsensusEditGenerator(base="mbr")
+    d = edit.generate(ctx)
+    assert edit.name == d.generator == "mbr+len"
+    assert d.text() == middle  # nothing to edit: the others do not contradict it, and it is long enough
+    _assert_grounded(d, ctx)
+    assert all("b" in s.citations for s in d.sentences())  # each sentence cites the case it came from
+    assert edit.pick_base(ctx).study_id == "b" and ConsensusEditGenerator().pick_base(ctx).study_id == "a"
+    assert create_generator("edit", base="mbr+len").generate(ctx).text() == middle
+    with pytest.raises(ValueError):
+        ConsensusEditGenerator(base="mbr", mbr_similarity="cider")

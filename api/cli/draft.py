@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d.add_argument("--exclude-patient", help="do not draft from this patient's studies")
     d.add_argument("-k", type=int, default=5, help="analog cases to retrieve")
     d.add_argument("--generator", choices=["extractive", "edit", "vlm", "http"], default="extractive")
+    d.add_argument("--edit-base", choices=["nearest+len", "mbr+len"], default="nearest+len",
+                   help="edit: the report whose wording is kept: the nearest case's, or the minimum-Bayes-risk "
+                   "choice among the top 5 (docs/drafting.md; its weight was chosen on report-retrieval scores)")
     d.add_argument("--model-dir", help="vlm: local transformers model directory")
     d.add_argument("--base-url", help="http: OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     d.add_argument("--model", help="http: model name on that server")
@@ -52,7 +55,7 @@ def _cmd_draft(a: argparse.Namespace) -> int:
     if a.prior_image and not prior_report:
         print("medrag: note: --prior-image without --prior-report: interval changes need the prior report",
               file=sys.stderr)
-    gen = create_generator(a.generator, model_dir=a.model_dir, base_url=a.base_url, model=a.model,
+    gen = create_generator(a.generator, base=a.edit_base if a.generator == "edit" else None, model_dir=a.model_dir, base_url=a.base_url, model=a.model,
                            api_key=os.environ.get(a.api_key_env), timeout=a.timeout, device=a.device)
     index = open_index(a.index)
     searcher = Searcher.for_index(index, device=a.device, load_text=False)

@@ -17,6 +17,7 @@ from retrieval.rag.extractive import (
     ExtractiveGenerator,
     copy_nearest,
 )
+from retrieval.rag.mbr import CopyMBRGenerator
 from retrieval.rag.types import (
     DISCLAIMER,
     Draft,
@@ -26,7 +27,8 @@ from retrieval.rag.types import (
     Generator,
 )
 
-__all__ = ["DISCLAIMER", "GENERATORS", "ConsensusEditGenerator", "ConsistencyChecker", "ContextBuilder", "Contradiction",
+__all__ = ["DISCLAIMER", "GENERATORS", "ConsensusEditGenerator", "ConsistencyChecker", "ContextBuilder",
+           "Contradiction", "CopyMBRGenerator",
            "Draft", "DraftContext",
            "DraftImages", "DraftSentence", "EditNearestGenerator", "ExtractiveGenerator", "Generator", "copy_nearest",
            "create_generator"]
@@ -37,8 +39,13 @@ def _extractive(**_: Any) -> Generator:
 
 
 def _edit(base: str = "nearest+len", **_: Any) -> Generator:
-    # the default is the drafter that beat copy-nearest on IU val (docs/drafting.md)
-    return ConsensusEditGenerator() if base == "nearest+len" else EditNearestGenerator(base=base)
+    # the default is the drafter that beat copy-nearest on IU val (docs/drafting.md); "mbr+len" edits
+    # the minimum-Bayes-risk base instead of the nearest report (settings chosen on IU train)
+    if base == "nearest+len":
+        return ConsensusEditGenerator()
+    if base == "mbr+len":
+        return ConsensusEditGenerator(base="mbr")
+    return EditNearestGenerator(base=base)
 
 
 def _vlm(model_dir: str, device: str = "cpu", **_: Any) -> Generator:
@@ -59,7 +66,8 @@ GENERATORS: dict[str, Callable[..., Generator]] = {"extractive": _extractive, "e
 
 
 def create_generator(kind: str, **kw: Any) -> Generator:
-    """``extractive`` | ``edit`` (retrieve-and-edit) | ``vlm`` (model_dir=...) | ``http`` (base_url=..., model=...)."""
+    """``extractive`` | ``edit`` (retrieve-and-edit; ``base="mbr+len"``: from the MBR base) | ``vlm``
+    (model_dir=...) | ``http`` (base_url=..., model=...)."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r} ({', '.join(GENERATORS)})")
     return GENERATORS[kind](**{k: v for k, v in kw.items() if v is not None})

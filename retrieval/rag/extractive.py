@@ -34,6 +34,7 @@ import re
 
 from retrieval.rag.consistency import ConsistencyChecker
 from retrieval.rag.context import ContextBuilder, agreeing_cases
+from retrieval.rag.mbr import POOL, SCORE_WEIGHT, SIMILARITIES, SIMILARITY, mbr_base
 from retrieval.rag.overlap import rouge_l
 from retrieval.rag.types import (
     Change,
@@ -404,17 +405,35 @@ class ConsensusEditGenerator(ExtractiveGenerator):
        ``fill_at``) and the draft does not already say (ROUGE-L < 0.5 with each of its sentences).
     4. Every added sentence goes at its relative position in its source report; then the checker.
 
+    ``base="mbr"`` ("mbr+len") edits the report chosen by minimum Bayes risk instead of the nearest
+    (:func:`retrieval.rag.mbr.mbr_base`: of the top ``mbr_pool`` cases, the one most similar, by
+    ``mbr_similarity``, to the other retrieved reports, plus ``mbr_score_weight`` x its retrieval
+    score); "the other cases" are then the cases other than that base.
+
     Settings chosen on IU X-ray train (leave-one-out, twins removed, 1,200 queries); see
     docs/drafting.md.
     """
 
     def __init__(self, delete_below: float = 0.2, flip_at: float = 0.5, keep_family: bool = True,
                  substitute: bool = True, fill_at: float = 0.6, fill_ratio: float = 0.9, redundant_at: float = 0.5,
-                 **kw: float | bool) -> None:
+                 base: str = "nearest", mbr_pool: int = POOL, mbr_similarity: str = SIMILARITY,
+                 mbr_score_weight: float = SCORE_WEIGHT, **kw: float | bool) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
+        if base not in ("nearest", "mbr"):
+            raise ValueError(f"base must be 'nearest' or 'mbr', not {base!r}")
+        if mbr_similarity not in SIMILARITIES:
+            raise ValueError(f"mbr_similarity must be one of {', '.join(SIMILARITIES)}, not {mbr_similarity!r}")
         self.delete_below, self.flip_at, self.keep_family = delete_below, flip_at, keep_family
         self.substitute, self.fill_at, self.fill_ratio, self.redundant_at = substitute, fill_at, fill_ratio, redundant_at
-        self.name = "edit-nearest+len"
+        self.base, self.mbr_pool, self.mbr_similarity, self.mbr_score_weight = (
+            base, mbr_pool, mbr_similarity, mbr_score_weight)
+        self.name = "edit-nearest+len" if base == "nearest" else "mbr+len"
+
+    def pick_base(self, ctx: DraftContext) -> ContextCase:
+        """The report whose wording is kept: the nearest, or the MBR choice."""
+        if self.base == "nearest":
+            return ctx.cases[0]
+        return mbr_base(ctx.cases, self.mbr_pool, self.mbr_similarity, self.mbr_score_weight)
 
     @staticmethod
     def share(ctx: DraftContext, base: ContextCase, key: LabelKey, states: tuple[Status, ...]) -> float:
@@ -454,7 +473,7 @@ class ConsensusEditGenerator(ExtractiveGenerator):
         draft = Draft.for_context(ctx, self.name)
         if not ctx.cases:
             return draft
-        base = ctx.cases[0]
+        base = self.pick_base(ctx)
         others = [c for c in ctx.cases if c is not base]
         weight = {c.study_id: max(c.score, 0.0) + 1e-3 for c in ctx.cases}
         base_sents = _all_sentences(base)
