@@ -14,7 +14,11 @@ searcher's index and image encoder are wrapped here:
   only fight over the same cores, and one batched forward is cheaper than several small ones.
 
 A lone request does not wait: the leader of a batch only waits for company when other requests
-are in flight. What callers may rely on: the same answers as unbatched calls (ties aside), and an
+are in flight. With ``adaptive`` (what ``medrag serve`` uses) it waits no longer than one engine
+call has been taking (a running mean): merging saves at most the calls' own time, so a wait
+longer than a call costs latency it cannot earn back. A 60-image flat FAISS index answers in
+tens of microseconds and then hardly waits; a large HNSW or an encoder forward keeps the
+configured wait. What callers may rely on: the same answers as unbatched calls (ties aside), and an
 exception raised for a batch is re-raised per item by running the items one by one, so a bad
 query fails alone.
 """
@@ -22,6 +26,7 @@ query fails alone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -51,12 +56,15 @@ class ThreadBatcher(Generic[T, R]):
     its own thread; the others block until their result is ready.
     """
 
-    def __init__(self, run: Callable[[Any, list[T]], list[R]], max_batch: int = 32, wait_s: float = 0.002) -> None:
+    def __init__(self, run: Callable[[Any, list[T]], list[R]], max_batch: int = 32, wait_s: float = 0.002,
+                 adaptive: bool = False) -> None:
         if max_batch < 1 or wait_s < 0:
             raise ValueError("max_batch must be >= 1 and wait_s >= 0")
         self._run = run
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.adaptive = adaptive
+        self.call_s = wait_s  # running mean of one engine call's duration (adaptive waits)
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Batch[T, R]] = {}
         self._active = 0
@@ -78,8 +86,9 @@ class ThreadBatcher(Generic[T, R]):
             company = self._active > 1
         try:
             if leader:
-                if company and self.wait_s > 0:
-                    batch.full.wait(self.wait_s)
+                wait = min(self.wait_s, self.call_s) if self.adaptive else self.wait_s
+                if company and wait > 0:
+                    batch.full.wait(wait)
                 with self._lock:
                     if self._open.get(key) is batch:
                         del self._open[key]
@@ -97,7 +106,9 @@ class ThreadBatcher(Generic[T, R]):
     def _execute(self, key: Hashable, batch: _Batch[T, R]) -> None:
         try:
             try:
+                t0 = time.perf_counter()
                 results: list[Any] = self._run(key, batch.items)
+                self.call_s = 0.8 * self.call_s + 0.2 * (time.perf_counter() - t0)
             except Exception:
                 if len(batch.items) == 1:
                     raise
@@ -136,12 +147,12 @@ def _unwrap(value: Any) -> Any:
 class BatchingIndex:
     """A :class:`~retrieval.index.VectorIndex` proxy that batches concurrent one-row searches."""
 
-    def __init__(self, index: Any, max_batch: int = 32, wait_s: float = 0.002) -> None:
+    def __init__(self, index: Any, max_batch: int = 32, wait_s: float = 0.002, adaptive: bool = False) -> None:
         self._inner = index
         # FAISS search is thread-safe for reads; other engines get one lock around each call
         self._engine_lock = None if index.meta.backend == "faiss" else threading.Lock()
         self.batcher: ThreadBatcher[tuple[np.ndarray, Any], list[Any]] = ThreadBatcher(
-            self._search_rows, max_batch, wait_s)
+            self._search_rows, max_batch, wait_s, adaptive)
 
     def __getattr__(self, name: str) -> Any:  # meta, uri, find, vectors, payloads, close, ...
         return getattr(self._inner, name)
@@ -172,10 +183,11 @@ class BatchingIndex:
 class BatchingEncoder:
     """An image-encoder proxy: concurrent ``encode_images`` calls for one anatomy -> one forward."""
 
-    def __init__(self, encoder: Any, max_batch: int = 16, wait_s: float = 0.002) -> None:
+    def __init__(self, encoder: Any, max_batch: int = 16, wait_s: float = 0.002, adaptive: bool = False) -> None:
         self._inner = encoder
         self._forward = threading.Lock()
-        self.batcher: ThreadBatcher[list[np.ndarray], np.ndarray] = ThreadBatcher(self._encode, max_batch, wait_s)
+        self.batcher: ThreadBatcher[list[np.ndarray], np.ndarray] = ThreadBatcher(
+            self._encode, max_batch, wait_s, adaptive)
 
     def __getattr__(self, name: str) -> Any:  # dim, family, encode_texts, attention_maps, ...
         return getattr(self._inner, name)
@@ -226,12 +238,12 @@ def set_thread_budgets(torch_threads: int | None, faiss_threads: int | None) -> 
         faiss.omp_set_num_threads(faiss_threads)
 
 
-def install(searcher: Any, max_batch: int = 32, wait_s: float = 0.002) -> None:
+def install(searcher: Any, max_batch: int = 32, wait_s: float = 0.002, adaptive: bool = False) -> None:
     """Wrap a :class:`retrieval.search.Searcher`'s index and image encoder (idempotent)."""
     if not isinstance(searcher.index, BatchingIndex):
-        searcher.index = BatchingIndex(searcher.index, max_batch, wait_s)
+        searcher.index = BatchingIndex(searcher.index, max_batch, wait_s, adaptive)
     enc = searcher.image_encoder
     if enc is not None and not isinstance(enc, BatchingEncoder) and hasattr(enc, "encode_images"):
-        searcher.image_encoder = BatchingEncoder(enc, max(1, max_batch // 2), wait_s)
+        searcher.image_encoder = BatchingEncoder(enc, max(1, max_batch // 2), wait_s, adaptive)
     if searcher.text_encoder is not None and not isinstance(searcher.text_encoder, Serialised):
         searcher.text_encoder = Serialised(searcher.text_encoder)

@@ -9,7 +9,8 @@ limit per scenario:
 * ``search-by-upload``: ``POST /api/search/image`` with PNG uploads of the index's own images
   (decode + encode + search).
 
-Reports requests/s and p50/p90/p99 latency per scenario. Client and server share the machine's
+Reports requests/s and p50/p90/p99 latency per scenario, after ``warmup`` uncounted requests
+at the same concurrency (by upload: at most two per connection; its forwards are slow). Client and server share the machine's
 cores, so figures are a floor for a dedicated server.
 """
 
@@ -70,31 +71,36 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
         index.close()
 
 
-async def _drive(url: str, key: str, make_request, requests: int, concurrency: int, max_seconds: float) -> dict:
+async def _drive(url: str, key: str, make_request, requests: int, concurrency: int, max_seconds: float,
+                 warmup: int = 0) -> dict:
+    """``warmup`` requests at full concurrency first, not counted: the server's worker threads,
+    connections and caches are made by them, not by the measured requests."""
     import httpx
 
     lat: list[float] = []
     errors = 0
     sent = 0
-    deadline = time.perf_counter() + max_seconds
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
-        async def worker() -> None:
+        async def worker(limit: int, deadline: float, record: bool) -> None:
             nonlocal sent, errors
-            while sent < requests and time.perf_counter() < deadline:
+            while sent < limit and time.perf_counter() < deadline:
                 i = sent
                 sent += 1
                 t0 = time.perf_counter()
                 r = await make_request(client, i)
+                if not record:
+                    continue
                 if r.status_code == 200:
                     lat.append(time.perf_counter() - t0)
                 else:
                     errors += 1
 
-        for i in range(min(4, requests)):  # warm-up, not counted
-            await make_request(client, i)
+        warm = max(min(4, requests), warmup)
+        await asyncio.gather(*(worker(warm, time.perf_counter() + max_seconds, False) for _ in range(concurrency)))
+        sent = 0
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(requests, t0 + max_seconds, True) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000
     return {"requests": len(lat), "errors": errors, "seconds": round(wall, 2),
@@ -153,7 +159,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4, max_seconds: float = 60.0,
-        k: int = 10, seed: int = 0) -> dict:
+        k: int = 10, seed: int = 0, warmup: int = 50) -> dict:
     import httpx
 
     vectors, uploads = _payloads(uri, requests, seed)
@@ -172,12 +178,15 @@ def run(uri: str, out_dir: str | Path, requests: int = 400, concurrency: int = 4
                 return await client.post("/api/search/image", files=files, data={"k": str(k)})
 
             scenarios: dict[str, Any] = {}
-            scenarios["search-by-vector"] = asyncio.run(_drive(url, key, by_vector, requests, concurrency, max_seconds))
-            scenarios["search-by-upload"] = asyncio.run(_drive(url, key, by_upload, requests, concurrency, max_seconds))
+            scenarios["search-by-vector"] = asyncio.run(_drive(url, key, by_vector, requests, concurrency, max_seconds,
+                                                               warmup))
+            scenarios["search-by-upload"] = asyncio.run(_drive(url, key, by_upload, requests, concurrency, max_seconds,
+                                                               min(warmup, 2 * concurrency)))
             metrics = httpx.get(url + "/metrics", timeout=5).text
         finally:
             stop_server(proc)
-    result = {"index": uri, "concurrency": concurrency, "k": k, "server_startup_s": round(startup, 2),
+    result = {"index": uri, "concurrency": concurrency, "k": k, "warmup": warmup,
+              "server_startup_s": round(startup, 2),
               "upload_bytes_mean": int(np.mean([len(u) for u in uploads])) if uploads else 0,
               "scenarios": scenarios,
               "server_counted": sum(1 for line in metrics.splitlines()

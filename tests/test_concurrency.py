@@ -93,6 +93,39 @@ def test_a_lone_call_does_not_wait():
     assert time.perf_counter() - t0 < 0.5
 
 
+def test_adaptive_wait_is_no_longer_than_an_engine_call():
+    """With company in flight, a leader waits min(wait_s, the calls' running mean): a cheap engine
+    stops waiting, an expensive one still batches."""
+    import threading
+    import time
+
+    def timed(cost: float) -> tuple[ThreadBatcher[int, int], list[float]]:
+        def run(_k, xs):
+            time.sleep(cost)
+            return [x * 2 for x in xs]
+
+        b: ThreadBatcher[int, int] = ThreadBatcher(run, max_batch=64, wait_s=0.2, adaptive=True)
+        lat: list[float] = []
+        for _ in range(15):  # rounds of 4 concurrent calls; the running mean settles on the call's cost
+            start = threading.Barrier(4)
+
+            def one(i: int, start: threading.Barrier = start) -> None:
+                start.wait()
+                t0 = time.perf_counter()
+                assert b.call("k", i) == 2 * i
+                lat.append(time.perf_counter() - t0)
+
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+        return b, lat
+
+    cheap, lat = timed(0.0)
+    assert cheap.call_s < 0.02 and max(lat[-4:]) < 0.1  # no 200 ms waits once the cost is known
+    dear, _ = timed(0.05)
+    assert dear.call_s > 0.03 and dear.batches < dear.items  # slow calls keep merging
+
+
 def test_batching_index_passes_multi_row_queries_through(small_index):
     index = open_index(small_index[1])
     try:

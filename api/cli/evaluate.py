@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     el.add_argument("--concurrency", type=int, default=4)
     el.add_argument("--max-seconds", type=float, default=60.0, help="per scenario (upper bound)")
     el.add_argument("-k", type=int, default=10)
+    el.add_argument("--warmup", type=int, default=50, help="uncounted requests per scenario first, same concurrency")
     el.set_defaults(func=_cmd_eval_load)
     sp = ev.add_parser("speed", help="build/query N x D vectors on FAISS HNSW/IVF and embedded Qdrant vs exact")
     sp.add_argument("--out", required=True, help="folder for speed.json")
@@ -129,7 +130,8 @@ def _cmd_eval_speed(a: argparse.Namespace) -> int:
 def _cmd_eval_load(a: argparse.Namespace) -> int:
     from eval.load import format_table, run
 
-    r = run(a.index, a.out, requests=a.requests, concurrency=a.concurrency, max_seconds=a.max_seconds, k=a.k)
+    r = run(a.index, a.out, requests=a.requests, concurrency=a.concurrency, max_seconds=a.max_seconds, k=a.k,
+            warmup=a.warmup)
     print(format_table(r))
     print(f"concurrency {r['concurrency']}, k={r['k']}, server start {r['server_startup_s']}s; wrote {a.out}/load.json")
     return 0

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     help="seconds between checks for a newly published index version (0: never reload)")
     sv.add_argument("--batch-max", type=int, default=32, help="concurrent searches merged into one index call")
     sv.add_argument("--batch-wait-ms", type=float, default=2.0,
-                    help="how long a search waits for others to batch with (only when others are in flight)")
+                    help="the longest a search waits for others to batch with (only when others are in flight, "
+                    "and never longer than one engine call has been taking)")
     sv.set_defaults(func=_cmd_serve)
 
 
