@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import numpy as np
@@ -378,7 +378,7 @@ def _concurrent(svc: Service) -> None:
 
     s = svc.settings
     set_thread_budgets(s.torch_threads, s.faiss_threads)
-    install(svc.searcher, max_batch=s.batch_max, wait_s=s.batch_wait_ms / 1000)
+    install(svc.searcher, max_batch=s.batch_max, wait_s=s.batch_wait_ms / 1000, adaptive=True)
 
 
 def _query(svc: Service, k: int, **kw: Any):
@@ -457,6 +457,7 @@ async def search_image(state: State, data: MultipartBody[ImageSearchForm]
     svc = _service(state)
     img = await decode(await data.image.read(), "image", svc.settings)
     q = _query(svc, data.k, anatomy=data.anatomy or None, finding=data.finding or None,
+               finding_by=data.finding_by or "report",
                modality=_modalities(data.modality), exclude_patient_id=data.exclude_patient or None,
                include_uncertain=data.include_uncertain)
     t0 = time.perf_counter()
@@ -468,10 +469,12 @@ async def search_image(state: State, data: MultipartBody[ImageSearchForm]
 async def search_study(state: State, study_id: FromPath[str], anatomy: FromQuery[str | None] = None,
                        finding: FromQuery[str | None] = None,
                        k: Annotated[int, Parameter(ge=1, le=K_MAX)] = 10,
-                       other_patients: FromQuery[bool] = False) -> SearchOut:
-    """Cases similar to a study already in the index."""
+                       other_patients: FromQuery[bool] = False,
+                       finding_by: FromQuery[Literal["report", "image"]] = "report") -> SearchOut:
+    """Cases similar to a study already in the index (``finding_by=image``: the finding is asked of
+    the images, so cases without a report count)."""
     svc = _service(state)
-    q = _query(svc, k, anatomy=anatomy, finding=finding)
+    q = _query(svc, k, anatomy=anatomy, finding=finding, finding_by=finding_by)
     t0 = time.perf_counter()
     await _blocking(svc, lambda: svc.study_points(study_id))  # an unknown study is a 404, not a bad query
     res = await _blocking(svc, lambda: svc.searcher.by_study(study_id, q, same_patient=not other_patients))

@@ -134,6 +134,7 @@ class ImageSearchForm:
     image: UploadFile
     anatomy: str | None = None
     finding: str | None = None
+    finding_by: Literal["report", "image"] = "report"  # report: filter by reports; image: ask the pixels
     modality: str | None = None  # comma-separated
     exclude_patient: str | None = None
     include_uncertain: bool = False

@@ -6,9 +6,12 @@ The two mechanisms medrag offers for "similar *in the left lung*" / "cases *with
   style), searched in that condition's space;
 * **filter**: only studies whose labels/report state the finding (or any finding in the anatomy),
   ranked by the unconditioned embedding.
+* **asked** (findings only, encoders with a label probe): the conditioned query vector *states*
+  the finding (``assert_finding``) and no filter applies, so the gallery's reports are never
+  read: the image-only stand-in for the filter, for archives without reports.
 
 For each condition, over the queries it concerns (those stating the finding, or a present finding
-in the anatomy), four rankings are scored on the same queries: global, embedding, filter,
+in the anatomy), four or five rankings are scored on the same queries: global, embedding, filter,
 embedding + filter. Metrics: s_a@10 (mean anatomy-restricted similarity of the top 10, the
 ground truth of the condition) and, for a finding, P@10 (share of the top 10 stating it). n is
 small for some conditions, so every comparison carries a paired-bootstrap 95% interval.
@@ -33,7 +36,7 @@ from retrieval.records import PRESENT, Study
 from retrieval.similarity import ReportMatrix
 from retrieval.taxonomy import default_taxonomy
 
-MECHANISMS = ("global", "embedding", "filter", "embedding+filter")
+MECHANISMS = ("global", "embedding", "asked", "filter", "embedding+filter")
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,14 @@ def condition_scores(studies: Sequence[Study], images: list[np.ndarray], encoder
         sim_a = matrix.similarity(cond.about, queries)
         rows: dict[str, np.ndarray] = {}
         for mech in MECHANISMS:
-            e = cache[cond.anatomy] if mech.startswith("embedding") else glob
-            scores = e[queries] @ e.T
+            e = cache[cond.anatomy] if mech.startswith("embedding") or mech == "asked" else glob
+            if mech == "asked":
+                asked = _asked(encoder, e[queries], cond)
+                if asked is None:
+                    continue
+                scores = asked @ e.T
+            else:
+                scores = e[queries] @ e.T
             scores[np.arange(len(queries)), queries] = -np.inf
             if mech.endswith("filter"):
                 scores[:, ~states] = -np.inf
@@ -126,9 +135,23 @@ def condition_scores(studies: Sequence[Study], images: list[np.ndarray], encoder
     return out
 
 
+def _asked(encoder: Any, queries: np.ndarray, cond: Condition) -> np.ndarray | None:
+    """The queries' vectors stating the condition's finding; None where that cannot be asked."""
+    from retrieval.encoders.base import EncoderError, FindingQueries
+
+    if cond.finding is None or not isinstance(encoder, FindingQueries):
+        return None
+    try:
+        out: np.ndarray = encoder.assert_finding(queries, cond.anatomy, cond.finding)
+    except EncoderError:
+        return None
+    return out
+
+
 def summarise_conditions(per: dict[str, dict[str, np.ndarray]], bootstrap: int = 2000, seed: int = 0
                          ) -> dict[str, Any]:
-    """Means per mechanism and paired CIs of embedding - global and embedding - filter."""
+    """Means per mechanism and paired CIs of embedding - global and embedding - filter (and, where
+    the finding could be asked, asked - global and asked - embedding)."""
     result: dict[str, Any] = {}
     for cond, rows in per.items():
         entry: dict[str, Any] = {"queries": int(len(next(iter(rows.values()))))}
@@ -138,6 +161,10 @@ def summarise_conditions(per: dict[str, dict[str, np.ndarray]], bootstrap: int =
             e, g, f = rows[f"{metric}:embedding"], rows[f"{metric}:global"], rows[f"{metric}:filter"]
             entry[f"{metric}:embedding-global"] = paired_bootstrap(e, g, bootstrap, seed)
             entry[f"{metric}:embedding-filter"] = paired_bootstrap(e, f, bootstrap, seed)
+            if f"{metric}:asked" in rows:
+                a = rows[f"{metric}:asked"]
+                entry[f"{metric}:asked-global"] = paired_bootstrap(a, g, bootstrap, seed)
+                entry[f"{metric}:asked-embedding"] = paired_bootstrap(a, e, bootstrap, seed)
         result[cond] = entry
     return result
 
@@ -174,14 +201,20 @@ def attention_in_boxes(studies: Sequence[Study], images: list[np.ndarray], encod
 
 
 def format_conditions(summary: dict[str, Any], k: int = 10) -> str:
-    lines = [f"{'condition':16s} {'n':>4s} {'metric':7s} " + " ".join(f"{m:>16s}" for m in MECHANISMS)
-             + "   embedding - global [95% CI]"]
+    asked = any(key.endswith(":asked") for e in summary.values() for key in e)
+    mechs = [m for m in MECHANISMS if asked or m != "asked"]
+    lines = [f"{'condition':16s} {'n':>4s} {'metric':7s} " + " ".join(f"{m:>16s}" for m in mechs)
+             + "   embedding - global [95% CI]" + ("   asked - global [95% CI]" if asked else "")]
+
+    def ci(d: Any) -> str:
+        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d is not None else "-"
+
     for cond, e in summary.items():
         for metric in (f"P@{k}", f"s_a@{k}"):
             if f"{metric}:global" not in e:
                 continue
-            d = e[f"{metric}:embedding-global"]
-            lines.append(f"{cond:16s} {e['queries']:4d} {metric:7s} " +
-                         " ".join(f"{e[f'{metric}:{m}']:16.3f}" for m in MECHANISMS) +
-                         f"   {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+            cells = [f"{e[f'{metric}:{m}']:16.3f}" if f"{metric}:{m}" in e else f"{'-':>16s}" for m in mechs]
+            lines.append(f"{cond:16s} {e['queries']:4d} {metric:7s} " + " ".join(cells)
+                         + f"   {ci(e[f'{metric}:embedding-global'])}"
+                         + (f"   {ci(e.get(f'{metric}:asked-global'))}" if asked else ""))
     return "\n".join(lines)

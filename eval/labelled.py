@@ -34,6 +34,7 @@ from eval.conditioning import (
     attention_in_boxes,
     condition_scores,
     finding_conditions,
+    format_conditions,
     summarise_conditions,
 )
 from eval.stats import paired_bootstrap
@@ -391,4 +392,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"P@{k} {n} {d[f'precision@k:{n}'][0]:+.3f} [{d[f'precision@k:{n}'][1]:+.3f}, {d[f'precision@k:{n}'][2]:+.3f}]"
             for n in names[:2]))
     lines.append("queries with each finding: " + ", ".join(f"{n} {c}" for n, c in result["queries_with"].items()))
+    if result.get("conditions"):
+        lines += ["", "conditioned search (per condition; eval/conditioning.py):",
+                  format_conditions(result["conditions"], k)]
     return "\n".join(lines)

@@ -10,6 +10,12 @@ Anatomy conditioning uses two mechanisms, and says which it used:
    finding (in ``anatomy`` or a part of it, when both are given). Reports are precise about what
    is present; embeddings are good at how it looks. The filter guarantees the named finding,
    the embedding orders the cases that have it.
+3. **Finding asked of the image** (``finding_by="image"``): with an encoder that reads findings
+   from pixels (medrag-native with a label probe), the query vector *states* the finding in its
+   anatomy's space and no report filter applies, so studies without a report (a PACS archive)
+   are found too: "looks like this one, and the image reads as showing cardiomegaly". Weaker
+   than a report's word, stronger than the query image's own reading of it (README, "Real chest
+   X-rays").
 
 Results are studies, not images: a study's score is its best image's score, the query's own
 study is always excluded, and the query patient's other studies optionally.
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.encoders import EncoderError, encoder_from_description, is_joint
-from retrieval.encoders.base import l2_normalise
+from retrieval.encoders.base import FindingQueries, l2_normalise
 from retrieval.imaging.images import pixel_key
 from retrieval.index import (
     IMAGE,
@@ -50,6 +56,7 @@ class Query:
     finding: str | None = None
     modality: tuple[str, ...] | None = None
     include_uncertain: bool = False  # hedged findings ("possible effusion") pass the filter
+    finding_by: str = "report"  # "report": filter by what reports state; "image": ask it of the pixels
     exclude_study_id: str | None = None
     exclude_patient_id: str | None = None
     date_from: str | None = None
@@ -101,8 +108,8 @@ class Searcher:
     def by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
         if self.image_encoder is None:
             raise SearchError("this searcher has no image encoder")
-        space, anatomy = self._space(q.anatomy)
-        vec = self._mean(self.image_encoder.encode_images(list(images), anatomy=anatomy))
+        space, anatomy = self._space(self._anatomy(q))
+        vec = self._ask(self._mean(self.image_encoder.encode_images(list(images), anatomy=anatomy)), anatomy, q)
         # the query's own pixels never count as a result, whatever study id they are stored under
         q = _replace(q, exclude_image_keys=(*q.exclude_image_keys, *(pixel_key(i) for i in images)))
         return self._run("image->image", space, vec, q, conditioned=anatomy is not None)
@@ -113,8 +120,8 @@ class Searcher:
                   if Payload.of(p.payload).image]
         if not points:
             raise SearchError(f"study {study_id!r} is not in the index (or has no image)")
-        space, anatomy = self._space(q.anatomy)
-        vec = self._mean(self.index.vectors(space, [p.id for p in points]))
+        space, anatomy = self._space(self._anatomy(q))
+        vec = self._ask(self._mean(self.index.vectors(space, [p.id for p in points])), anatomy, q)
         patient = Payload.of(points[0].payload).patient_id
         q2 = _replace(q, exclude_study_id=study_id,
                       exclude_patient_id=q.exclude_patient_id or (None if same_patient else patient))
@@ -122,6 +129,7 @@ class Searcher:
 
     def by_text(self, text: str, q: Query) -> SearchResult:
         """Text -> image; needs a joint (CLIP-style) image encoder."""
+        self._image_query_only(q)
         if not is_joint(self.image_encoder):
             raise SearchError("text->image search needs a joint image-text encoder (open_clip, hf CLIP); "
                               f"this index was built with {self.index.meta.image_encoder}")
@@ -132,6 +140,7 @@ class Searcher:
 
     def reports_by_text(self, text: str, q: Query) -> SearchResult:
         """Text -> report (report embedding space)."""
+        self._image_query_only(q)
         if self.text_encoder is None or REPORT not in self.index.meta.spaces:
             raise SearchError("this index has no report space (built without a text encoder)")
         vec = self._mean(self.text_encoder.encode_texts([text]))
@@ -140,6 +149,7 @@ class Searcher:
     def reports_by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
         """Image -> report: cross-modal when the encoder is joint, else via similar images."""
         if REPORT_JOINT in self.index.meta.spaces and is_joint(self.image_encoder):
+            self._image_query_only(q)  # the report space carries no image reading of findings
             vec = self._mean(self.image_encoder.encode_images(list(images)))
             return self._run("image->report", REPORT_JOINT, vec, _replace(q, anatomy=None), conditioned=False)
         res = self.by_image(images, q)
@@ -148,6 +158,7 @@ class Searcher:
 
     def by_vector(self, vector: Sequence[float] | np.ndarray, space: str, q: Query) -> SearchResult:
         """A caller-embedded query vector against one stored space (clients that embed themselves)."""
+        self._image_query_only(q)
         if space not in self.index.meta.spaces:
             raise SearchError(f"unknown space {space!r}; this index has: {', '.join(self.index.meta.spaces)}")
         vec = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -157,6 +168,44 @@ class Searcher:
         return self._run("vector", space, self._mean(vec), q, conditioned="@" in space)
 
     # ---- internals -------------------------------------------------------------------------
+    def _finding_by_image(self, q: Query) -> bool:
+        if q.finding_by not in ("report", "image"):
+            raise SearchError(f"finding_by must be 'report' or 'image', got {q.finding_by!r}")
+        if q.finding_by == "image" and not q.finding:
+            raise SearchError("finding_by='image' needs a finding to ask for")
+        return q.finding_by == "image"
+
+    def _image_query_only(self, q: Query) -> None:
+        if self._finding_by_image(q):
+            raise SearchError("finding_by='image' applies to image and study queries (the query image states "
+                              "the finding); use finding_by='report' to filter this one")
+
+    def _finding_encoder(self) -> FindingQueries:
+        enc = self.image_encoder
+        if not isinstance(enc, FindingQueries):
+            raise SearchError("finding_by='image' needs an encoder that reads findings from the image "
+                              "(medrag-native with a label probe); this index was built with "
+                              f"{self.index.meta.image_encoder}")
+        return enc
+
+    def _anatomy(self, q: Query) -> str | None:
+        """The anatomy to search in: the query's, or, when a finding is asked of the image, the
+        anatomy whose space reads it."""
+        if not self._finding_by_image(q) or q.anatomy:
+            return q.anatomy
+        try:
+            return self._finding_encoder().finding_space(q.finding or "")
+        except EncoderError as exc:
+            raise SearchError(str(exc)) from exc
+
+    def _ask(self, vec: np.ndarray, anatomy: str | None, q: Query) -> np.ndarray:
+        if not self._finding_by_image(q):
+            return vec
+        try:
+            return self._finding_encoder().assert_finding(vec, anatomy, q.finding or "")
+        except EncoderError as exc:
+            raise SearchError(str(exc)) from exc
+
     def _space(self, anatomy: str | None) -> tuple[str, str | None]:
         if not anatomy:
             return IMAGE, None
@@ -174,7 +223,7 @@ class Searcher:
 
     def _filter(self, q: Query) -> SearchFilter:
         findings = anatomy_findings = None
-        if q.finding:
+        if q.finding and not self._finding_by_image(q):
             f = self.tax.finding(q.finding).name
             if q.anatomy:
                 anatomy_findings = [f"{self.tax.anatomy(q.anatomy).name}:{f}"]
@@ -201,7 +250,8 @@ class Searcher:
                 break
             fetch *= 4
         kind = ("embedding:" + space.split("@", 1)[1]) if conditioned else ""
-        kind = "+".join(x for x in (kind, "filter" if q.finding else "") if x) or "none"
+        asked = "image-finding:" + self.tax.finding(q.finding).name if q.finding and q.finding_by == "image" else ""
+        kind = "+".join(x for x in (kind, asked or ("filter" if q.finding else "")) if x) or "none"
         return SearchResult(mode, space, kind, _builtins(flt),
                             [self._case(h, n, q) for h, n in hits])
 

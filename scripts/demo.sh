@@ -5,7 +5,8 @@
 #        anatomy-conditioned head trained on the other 440 images of the shared NIH sample);
 #   3.   a pleura-conditioned search with an effusion case: the hits with their labels, how many
 #        show an effusion against the base rate, and heat-maps of where the pleura query looked;
-#   4.   the same with the entity filter (only cases labelled with an effusion);
+#   4.   the same with the entity filter (only cases labelled with an effusion), then with the
+#        effusion asked of the images (cases whose image reads as showing one; no report needed);
 #   5.   report search over the shared IU X-ray reports (when the shared data is beside the repo);
 #   6.   a comparative report drafted for a real follow-up radiograph with its real prior (the
 #        shared COVID-collection notes set; a synthetic paired set when it is absent).
@@ -17,6 +18,18 @@ BIN=.venv/bin
 OUT=demo-out
 rm -rf "$OUT" && mkdir -p "$OUT"
 show() { sed -n "1,${2:-12}p" "$1"; }  # the first lines of a command's saved output
+effusion_hits() {  # how many hits of a --json search are labelled Effusion, against the base rate
+  $BIN/python - "$1" "$OUT/nih60.jsonl" <<'PY'
+import json, sys
+hits = json.load(open(sys.argv[1]))["hits"]
+studies = [json.loads(line) for line in open(sys.argv[2])]
+with_eff = sum("Effusion" in (h.get("labels") or []) for h in hits)
+others = [s for s in studies if s["study_id"] != "00000100_000"]
+base = sum("Effusion" in (s.get("labels") or []) for s in others)
+print(f"hits labelled Effusion: {with_eff} of {len(hits)}; in the index {base} of {len(others)} other images "
+      f"({base / len(others):.0%}) are: a random pick of {len(hits)} would hold {len(hits) * base / len(others):.1f}")
+PY
+}
 
 echo "== 1. manifest of 60 real NIH chest X-rays with their finding labels (demo/nih60)"
 $BIN/medrag index manifest labels demo/nih60 -o "$OUT/nih60.jsonl" > "$OUT/1.txt"; show "$OUT/1.txt" 3
@@ -29,19 +42,16 @@ echo "== 3. cases similar in the pleura to $QUERY (its own image never counts)"
 $BIN/medrag search --index "qdrant+local:$OUT/nih_index" --image "$QUERY" --anatomy pleura -k 8 \
   --heatmaps "$OUT/heatmaps" > "$OUT/3.txt"; show "$OUT/3.txt" 40
 $BIN/medrag search --index "qdrant+local:$OUT/nih_index" --image "$QUERY" --anatomy pleura -k 8 --json > "$OUT/3.json"
-$BIN/python - "$OUT/3.json" "$OUT/nih60.jsonl" <<'PY'
-import json, sys
-hits = json.load(open(sys.argv[1]))["hits"]
-studies = [json.loads(line) for line in open(sys.argv[2])]
-with_eff = sum("Effusion" in (h.get("labels") or []) for h in hits)
-others = [s for s in studies if s["study_id"] != "00000100_000"]
-base = sum("Effusion" in (s.get("labels") or []) for s in others)
-print(f"hits labelled Effusion: {with_eff} of {len(hits)}; in the index {base} of {len(others)} other images "
-      f"({base / len(others):.0%}) are: a random pick of {len(hits)} would hold {len(hits) * base / len(others):.1f}")
-PY
+effusion_hits "$OUT/3.json"
 echo "== 4. the entity filter instead: only cases labelled with an effusion, ranked by the pleura embedding"
 $BIN/medrag search --index "qdrant+local:$OUT/nih_index" --image "$QUERY" --anatomy pleura --finding effusion \
   -k 5 > "$OUT/4.txt"; show "$OUT/4.txt" 20
+echo "== 4b. the finding asked of the image instead of the reports: no filter, so cases without a report count too"
+$BIN/medrag search --index "qdrant+local:$OUT/nih_index" --image "$QUERY" --finding effusion --finding-by image \
+  -k 8 > "$OUT/4b.txt"; show "$OUT/4b.txt" 40
+$BIN/medrag search --index "qdrant+local:$OUT/nih_index" --image "$QUERY" --finding effusion --finding-by image \
+  -k 8 --json > "$OUT/4b.json"
+effusion_hits "$OUT/4b.json"
 ANN=../shared/data/iu_xray_reports/annotation.json
 if [ -f "$ANN" ]; then
   echo "== 5. report-only index of the shared IU X-ray validation reports (FAISS), finding-filtered text search"

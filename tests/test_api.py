@@ -205,6 +205,12 @@ async def test_limits_and_bad_parameters(index_dir, key_file):
         assert r.status_code == 400 and "Did you mean: left lung" in r.json()["detail"]
         r = await c.post("/api/search/image", files=files, data={"k": "1000"}, headers=h)
         assert r.status_code == 400 and "k: Expected `int` <= 100" in r.json()["detail"]  # schema-stated bound
+        r = await c.post("/api/search/image", files=files, data={"finding": "effusion", "finding_by": "image"},
+                         headers=h)  # pixels index: nothing reads findings from the image
+        assert r.status_code == 400 and "reads findings from the image" in r.json()["detail"]
+        r = await c.post("/api/search/image", files=files, data={"finding": "effusion", "finding_by": "eyes"},
+                         headers=h)
+        assert r.status_code == 400
         r = await c.post("/api/search/text", json={"text": "x", "bogus": 1}, headers=h)
         assert r.status_code == 400
         r = await c.post("/api/search/text", json={"text": "x", "target": "images"}, headers=h)

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--reports", action="store_true", help="rank reports (image->report, text->report)")
     s.add_argument("--anatomy", help='condition on an anatomy, e.g. "left lung"')
     s.add_argument("--finding", help="only cases whose report states this finding (in --anatomy if given)")
+    s.add_argument("--finding-by", choices=("report", "image"), default="report",
+                   help="report: only cases whose report states --finding; image: ask --finding of the "
+                   "images (encoders with a label probe), so cases without a report count too")
     s.add_argument("--include-uncertain", action="store_true", help="hedged findings pass --finding")
     s.add_argument("--modality", action="append", help="restrict to modality (repeatable)")
     s.add_argument("--exclude-patient", help="exclude this patient id's studies")
@@ -39,7 +42,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
     index = open_index(a.index)
     searcher = Searcher.for_index(index, device=a.device, load_text=bool(a.text) or a.reports)
-    q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, include_uncertain=a.include_uncertain,
+    q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, finding_by=a.finding_by,
+              include_uncertain=a.include_uncertain,
               modality=tuple(a.modality) if a.modality else None, exclude_patient_id=a.exclude_patient)
     if a.heatmaps and not (a.image and a.anatomy):
         raise ValueError("--heatmaps needs --image and --anatomy")

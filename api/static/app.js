@@ -160,11 +160,15 @@ async function search(ev) {
   fd.append("image", file);
   fd.append("k", $("k").value || "12");
   if ($("anatomy").value) fd.append("anatomy", $("anatomy").value);
-  if ($("finding").value) fd.append("finding", $("finding").value);
+  if ($("finding").value) {
+    fd.append("finding", $("finding").value);
+    fd.append("finding_by", $("finding-by").value);
+  }
   $("go").disabled = true; status("searching...");
   try {
     const res = await (await api("/api/search/image", { method: "POST", body: fd })).json();
-    lastAnatomy = res.conditioning.startsWith("embedding:") ? $("anatomy").value : "";
+    // the space searched names the anatomy (asking a finding of the image picks its anatomy)
+    lastAnatomy = res.conditioning.startsWith("embedding:") ? res.space.split("@")[1] || "" : "";
     await render(res);
     status("");
   } catch (e) { status(e.message); }

@@ -47,6 +47,22 @@ class TextEncoder(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+@runtime_checkable
+class FindingQueries(Protocol):
+    """An image encoder whose vectors carry its own reading of named findings (a label probe), so
+    a query can *ask* for a finding: "cases that look like this one and show cardiomegaly", on
+    studies that have no report to filter by."""
+
+    def finding_space(self, finding: str) -> str | None:
+        """The anatomy whose conditioned space reads ``finding`` (None: the whole image)."""
+        ...
+
+    def assert_finding(self, vectors: np.ndarray, anatomy: str | None, finding: str) -> np.ndarray:
+        """Query vectors of ``anatomy``'s space changed to state ``finding`` present (and the case
+        not normal); rows stay L2-normalised. Raises EncoderError if that space cannot read it."""
+        ...
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)

@@ -367,6 +367,53 @@ class NativeEncoder:
                 out[a] = l2_normalise(z.float().cpu().numpy())
         return out
 
+    # ---- asking for a finding (FindingQueries) ------------------------------------------------
+    def _probe_column(self, finding: str) -> int:
+        if self.model.probe is None or self.cfg.probe_weight <= 0:
+            raise EncoderError(f"{FAMILY}: this checkpoint has no label probe, so its vectors do not "
+                               "read findings (train with a labelled set and --probe-c)")
+        name = self.tax.finding(finding).name
+        for j, key in enumerate(self.cfg.probe_labels):
+            if key != NORMAL and key.split("|", 1)[1] == name:
+                return j
+        raise EncoderError(f"{FAMILY}: this checkpoint's probe has no {name!r} label "
+                           f"(it reads: {', '.join(k.split('|', 1)[-1] for k in self.cfg.probe_labels)})")
+
+    def finding_space(self, finding: str) -> str | None:
+        """The finding's home anatomy, or its nearest ancestor this checkpoint conditions on."""
+        j = self._probe_column(finding)
+        mask = probe_anatomy_mask(self.cfg)
+        home = self.tax.finding(finding).anatomy
+        for a in self.tax.ancestors(home):
+            if a in self._index and mask[self._index[a], j] > 0:
+                return a
+        return None
+
+    def assert_finding(self, vectors: np.ndarray, anatomy: str | None, finding: str) -> np.ndarray:
+        """Query vectors that ask for ``finding``: its probe entry set to probability 1 and the
+        normal column to 0, in ``anatomy``'s space; stored vectors are unchanged.
+
+        Why: in a space the vector is [head embedding, probe probabilities x weight], L2-normalised.
+        A query image that shows cardiomegaly is often not read as such (the probe's AUC is about
+        0.7 on 400 training images), and then "similar heart" looks for unremarkable hearts. When
+        the radiologist *names* the finding, the query states it outright, and the ranking becomes
+        "looks like this one, and the image reads as showing it", which needs no report: it works
+        on studies a report filter would drop. The head part keeps its scale: before the
+        normalisation the head embedding had unit norm, so a row's scale is that part's norm."""
+        j = self._probe_column(finding)
+        a = self.anatomy_index(anatomy)
+        if probe_anatomy_mask(self.cfg)[a, j] == 0:
+            where = f"the {anatomy!r}" if anatomy else "the whole-image"
+            raise EncoderError(f"{FAMILY}: {where} space does not read {self.tax.finding(finding).name!r} "
+                               f"(use anatomy {self.finding_space(finding)!r})")
+        out = np.array(vectors, dtype=np.float32, copy=True).reshape(-1, self.dim)
+        scale = np.linalg.norm(out[:, :self.cfg.embed_dim], axis=1)
+        first = self.dim - len(self.cfg.probe_labels)
+        out[:, first + j] = self.cfg.probe_weight * scale
+        if NORMAL in self.cfg.probe_labels:
+            out[:, first + self.cfg.probe_labels.index(NORMAL)] = 0.0
+        return l2_normalise(out)
+
     def attention_maps(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
         """(n, g, g) where the condition's query looked (attention over the patch grid, sums to 1).
 
