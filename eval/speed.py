@@ -153,6 +153,8 @@ def run(out_dir: str | Path, n: int = 1_000_000, dim: int = 512, nq: int = 200, 
     ctx = mp.get_context("spawn")
     for spec in backends:
         backend, kind = spec.rsplit(":", 1)
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)  # a named work dir need not exist yet
         root = tempfile.mkdtemp(prefix="medrag-speed-", dir=work_dir)
         try:
             box: Any = ctx.Queue()
