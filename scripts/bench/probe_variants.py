@@ -37,6 +37,7 @@ from eval.labelled import (
 )
 from eval.stats import paired_bootstrap
 from retrieval.encoders.atlas import BOXES
+from retrieval.encoders.base import l2_normalise as l2
 from retrieval.encoders.preprocess import resize
 from retrieval.entities import EntityExtractor
 from retrieval.records import PRESENT
@@ -80,10 +81,6 @@ def region(t: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
     ys, xs = np.meshgrid(c, c, indexing="ij")
     x0, x1, y0, y1 = box
     return t[:, ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)).ravel()].mean(1)
-
-
-def l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
 
 
 def main() -> int:
