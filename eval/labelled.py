@@ -37,6 +37,7 @@ from eval.conditioning import (
     format_conditions,
     summarise_conditions,
 )
+from eval.graded import GRADED_K, grade_matrix, graded_at_k, graded_bounds
 from eval.stats import paired_bootstrap
 from indexer.manifest import write_manifest
 from indexer.sources import SourceResult
@@ -69,6 +70,7 @@ class QueryScores:
     jaccard: np.ndarray  # (n,) mean s of the top k
     precision: dict[str, np.ndarray] = field(default_factory=dict)  # finding -> (n,) P@k, NaN w/o finding
     ap: dict[str, np.ndarray] = field(default_factory=dict)  # finding -> (n,) AP@k
+    graded: np.ndarray | None = None  # (n,) mean severity agreement of the top k (eval/graded.py), NaN unscored
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -140,6 +142,11 @@ def query_scores(sim: np.ndarray, scores: np.ndarray, has: dict[str, np.ndarray]
     return out
 
 
+def _mean_or_nan(values: list[float]) -> float:
+    """mAP over the findings that have queries; NaN (not a warning) when none has."""
+    return float(np.mean(values)) if values else float("nan")
+
+
 def base_rates(has: dict[str, np.ndarray]) -> dict[str, float]:
     """Expected P@k of a random ranking for queries with the finding: (count - 1) / (n - 1)."""
     return {name: float((m.sum() - 1) / max(len(m) - 1, 1)) if m.any() else float("nan") for name, m in has.items()}
@@ -153,8 +160,10 @@ def summarise(per_method: dict[str, QueryScores], has: dict[str, np.ndarray], cf
         rows[m] = {"jaccard@k": float(np.nanmean(qs.jaccard)),
                    "precision@k": {f: float(np.nanmean(v)) if np.isfinite(v).any() else None
                                    for f, v in qs.precision.items()},
-                   "map@k": float(np.nanmean([np.nanmean(v) for v in qs.ap.values() if np.isfinite(v).any()])),
+                   "map@k": _mean_or_nan([np.nanmean(v) for v in qs.ap.values() if np.isfinite(v).any()]),
                    "ap@k": {f: float(np.nanmean(v)) if np.isfinite(v).any() else None for f, v in qs.ap.items()}}
+        if qs.graded is not None and np.isfinite(qs.graded).any():
+            rows[m]["graded@k"] = float(np.nanmean(qs.graded))
     diffs: dict[str, Any] = {}
     if reference in per_method:
         ref = per_method[reference]
@@ -164,6 +173,8 @@ def summarise(per_method: dict[str, QueryScores], has: dict[str, np.ndarray], cf
             d: dict[str, Any] = {"jaccard@k": paired_bootstrap(ref.jaccard, qs.jaccard, cfg.bootstrap, cfg.seed)}
             for f in has:
                 d[f"precision@k:{f}"] = paired_bootstrap(ref.precision[f], qs.precision[f], cfg.bootstrap, cfg.seed)
+            if ref.graded is not None and qs.graded is not None:
+                d["graded@k"] = paired_bootstrap(ref.graded, qs.graded, cfg.bootstrap, cfg.seed)
             diffs[f"{reference} - {m}"] = d
     return {"methods": rows, "base_rate": base_rates(has), "queries_with": {f: int(m.sum()) for f, m in has.items()},
             "paired_differences": diffs}
@@ -196,6 +207,7 @@ def score_methods(studies: Sequence[Study], images: list[np.ndarray], methods: d
                   cfg: CxrEvalConfig) -> tuple[dict[str, QueryScores], dict[str, np.ndarray], np.ndarray]:
     sim = ReportMatrix.from_studies(studies).similarity(None)
     has = finding_sets(studies, cfg.findings)
+    grades = grade_matrix(studies) if any(s.scores for s in studies) else None
     rng = np.random.default_rng(cfg.seed)
     out = {}
     for name, embed in methods.items():
@@ -205,13 +217,19 @@ def score_methods(studies: Sequence[Study], images: list[np.ndarray], methods: d
             emb = embed(images)
             scores = emb @ emb.T
         out[name] = query_scores(sim, scores, has, cfg.k)
+        if grades is not None:
+            out[name].graded = graded_at_k(studies, scores, GRADED_K, grades)
     return out, has, sim
 
 
 def _concat(parts: list[QueryScores]) -> QueryScores:
+    graded = None
+    if any(p.graded is not None for p in parts):  # a fold without scored studies counts as NaN
+        graded = np.concatenate([p.graded if p.graded is not None else np.full(len(p.jaccard), np.nan)
+                                 for p in parts])
     return QueryScores(np.concatenate([p.jaccard for p in parts]),
                        {f: np.concatenate([p.precision[f] for p in parts]) for f in parts[0].precision},
-                       {f: np.concatenate([p.ap[f] for p in parts]) for f in parts[0].ap})
+                       {f: np.concatenate([p.ap[f] for p in parts]) for f in parts[0].ap}, graded)
 
 
 # ---- the two commands ---------------------------------------------------------------------------
@@ -227,6 +245,8 @@ def score_directory(folder: str | Path, checkpoint: str | Path | None, out_dir: 
         methods["trained"] = checkpoint_method(checkpoint, device)
     per, has, _ = score_methods(studies, images, methods, cfg)
     extra: dict[str, Any] = {}
+    if any(s.scores for s in studies):
+        extra["graded"] = graded_bounds(studies)
     if checkpoint:
         enc = _native(checkpoint, device)
         per_cond = condition_scores(studies, images, enc, _conditions(enc, cfg, res))
@@ -375,6 +395,24 @@ def _jsonable(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
+def _format_graded(result: dict[str, Any]) -> list[str]:
+    """The severity-agreement rows (eval/graded.py), where the folder has scored images."""
+    rows = {m: r["graded@k"] for m, r in result["methods"].items() if r.get("graded@k") is not None}
+    if not rows:
+        return []
+    b = result.get("graded") or {}
+    kk = b.get("k", GRADED_K)
+    head = (f"severity agreement@{kk} (radiologists' scores; scored queries vs other patients' scored images"
+            + (f", {b['queries']} queries; random expects {b['random_expected']:.3f}, best possible "
+               f"{b['oracle']:.3f}" if b.get("queries") else "") + "):")
+    lines = ["", head] + [f"  {m:26s} {v:.3f}" for m, v in rows.items()]
+    for pair, d in result.get("paired_differences", {}).items():
+        if "graded@k" in d and np.isfinite(d["graded@k"][0]):
+            g = d["graded@k"]
+            lines.append(f"  {pair}: {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]")
+    return lines
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Methods as rows: Jaccard@k, mAP@k and P@k per finding (base rate in the header)."""
     k = result["k"]
@@ -392,6 +430,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"P@{k} {n} {d[f'precision@k:{n}'][0]:+.3f} [{d[f'precision@k:{n}'][1]:+.3f}, {d[f'precision@k:{n}'][2]:+.3f}]"
             for n in names[:2]))
     lines.append("queries with each finding: " + ", ".join(f"{n} {c}" for n, c in result["queries_with"].items()))
+    lines += _format_graded(result)
     if result.get("conditions"):
         lines += ["", "conditioned search (per condition; eval/conditioning.py):",
                   format_conditions(result["conditions"], k)]

@@ -8,6 +8,7 @@ raw rows with one matmul. These tests pin the paths and compare the answers to a
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -128,3 +129,37 @@ def test_k_larger_than_the_subset_returns_the_whole_subset_in_order(tmp_path, mo
     got = ix.search("image", x[5][None], 10, flt)[0]
     ref, ref_s = _exact(x, payloads, x[5], flt, 10)
     assert [h.id for h in got] == ref.tolist() and got[0].id == 5
+
+
+def test_a_shared_filter_lists_its_points_once_and_identity_filters_are_not_kept(tmp_path, monkeypatch):
+    """At 1M points, AND-ing a filter's mask and listing its ids took longer than the HNSW walk
+    itself, so a filter that repeats (no per-query study/patient identity) keeps them; answers
+    stay those of an exact scan whichever filter came before."""
+    monkeypatch.setattr(fi, "EXACT_SUBSET", 100)
+    ix, x, payloads = _build(tmp_path, "flat")
+    listed: list[SearchFilter] = []
+    orig = fi.FaissIndex._mask
+
+    def counting(self, flt):
+        listed.append(flt)
+        return orig(self, flt)
+
+    monkeypatch.setattr(fi.FaissIndex, "_mask", counting)
+    q = x[3]
+    ct, mr = SearchFilter(modality=["CT"]), SearchFilter(modality=["MR"])
+    own = SearchFilter(modality=["CT"], exclude_study_ids=["s1"])
+    for flt in (ct, mr, ct, own, own, mr, ct):
+        got = ix.search("image", q[None], K, flt)[0]
+        assert [h.id for h in got] == _exact(x, payloads, q, flt, K)[0].tolist()
+    assert listed == [ct, mr, own, own]  # CT once, MR once, the one naming a study on each of its queries
+    assert len(ix._allowed_cache) == 2
+
+
+def test_the_filter_cache_keeps_to_its_byte_budget(tmp_path, monkeypatch):
+    ix, x, payloads = _build(tmp_path, "flat")
+    one = N + (N // 10) * 8  # a 10% filter: its mask (1 byte a point) and its ids (8 bytes each)
+    monkeypatch.setattr(fi, "ALLOWED_CACHE_BYTES", 2 * one + one // 2)
+    for m in MODS[:5]:
+        ix.search("image", x[:1], K, SearchFilter(modality=[m]))
+    assert list(ix._allowed_cache) == [b"image|" + msgspec.json.encode(SearchFilter(modality=[m])) for m in MODS[3:5]]
+    assert ix._allowed_bytes == 2 * one
