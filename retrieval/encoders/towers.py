@@ -97,6 +97,7 @@ def _efficientnet_lite0(source: str | None, opts: dict[str, Any]) -> Any:
 
     class Lite0(nn.Module):
         out_dim = 1280
+        channels_last: bool = False  # inputs in channels-last layout (set on the for_inference copy)
 
         def __init__(self) -> None:
             super().__init__()
@@ -132,6 +133,36 @@ def _efficientnet_lite0(source: str | None, opts: dict[str, Any]) -> Any:
             """Module groups from the input to the output, as ``run_stages`` numbers them."""
             n = self.net
             return [(n._conv_stem, n._bn0), *((b,) for b in n._blocks), (n._conv_head, n._bn1)]
+
+        def for_inference(self) -> nn.Module:
+            """A copy for encoding only: every batch norm folded into its convolution
+            (``torch.nn.utils.fusion.fuse_conv_bn_eval``), weights channels-last.
+
+            Why: on 2 CPU cores this tower's 448 px pass took 70-130 ms an image, eager; folded
+            and channels-last, 46 ms (outputs within 3e-5). A copy, so the module that is
+            trained and saved keeps its batch norms and its checkpoint keys.
+            """
+            import copy
+
+            from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+            fast = copy.deepcopy(self).eval()
+            n = fast.net
+
+            def fold(owner: nn.Module, conv: str, bn: str) -> None:
+                setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+                setattr(owner, bn, nn.Identity())
+
+            fold(n, "_conv_stem", "_bn0")
+            fold(n, "_conv_head", "_bn1")
+            for b in n._blocks:
+                if b._block_args.expand_ratio != 1:
+                    fold(b, "_expand_conv", "_bn0")
+                fold(b, "_depthwise_conv", "_bn1")
+                fold(b, "_project_conv", "_bn2")
+            fast.channels_last = True
+            fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented, untyped
+            return fast
 
     return Lite0()
 
