@@ -180,7 +180,7 @@ def test_the_inference_copy_of_the_tower_folds_its_batch_norms_and_answers_the_s
 def test_a_loaded_checkpoint_encodes_with_the_folded_tower_in_cpu_sized_chunks(monkeypatch):
     """The demo checkpoint (Lite0 at 224 px and 448 px for its probe): the same vectors as the
     unfolded tower in one batch, with the 448 px pass one image at a time on a CPU."""
-    import retrieval.encoders.native as native
+    import retrieval.encoders.towers as towers
     from retrieval.encoders import create_encoder
 
     enc = create_encoder("medrag-native", checkpoint=DEMO_MODEL)
@@ -192,7 +192,7 @@ def test_a_loaded_checkpoint_encodes_with_the_folded_tower_in_cpu_sized_chunks(m
     monkeypatch.setattr(enc._fast_tower, "forward", lambda x: calls.append(x.shape[-1]) or fast_forward(x))
     got = enc.encode_images(images)
     assert calls == [224, 224, 448, 448, 448, 448, 448]  # 4 + 1 at 224 px, one by one at 448 px
-    monkeypatch.setattr(native, "CPU_PIXELS_PER_FORWARD", 10**9)
+    monkeypatch.setattr(towers, "CPU_PIXELS_PER_FORWARD", 10**9)
     enc._fast_tower = None  # the trained module, whole batch at once
     np.testing.assert_allclose(got, enc.encode_images(images), atol=1e-5)
 

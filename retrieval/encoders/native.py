@@ -26,11 +26,16 @@ from retrieval.encoders.atlas import atlas_bias
 from retrieval.encoders.base import EncoderError, l2_normalise
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import resize
-from retrieval.encoders.towers import TOWERS, create_tower, tower_source_record
+from retrieval.encoders.towers import (
+    TOWERS,
+    create_tower,
+    inference_copy,
+    run_tower,
+    tower_source_record,
+)
 from retrieval.storage import atomic_dir
 from retrieval.taxonomy import default_taxonomy
 
-CPU_PIXELS_PER_FORWARD = 4 * 224 * 224  # input pixels per tower call on a CPU (see NativeEncoder._tokens)
 FAMILY = "medrag-native"
 GLOBAL = "<global>"
 
@@ -287,7 +292,7 @@ class NativeEncoder:
         else:
             enc = cls(cfg, model, device, path)
         if hasattr(model.tower, "for_inference"):  # a loaded checkpoint only encodes: fold what it can
-            enc._fast_tower = model.tower.for_inference().to(enc.device)
+            enc._fast_tower = inference_copy(model.tower).to(enc.device)
         return enc
 
     @classmethod
@@ -353,24 +358,10 @@ class NativeEncoder:
         return torch.cat(parts, 1)
 
     def _tokens(self, images: Sequence[np.ndarray], size: int | None = None) -> Any:
-        """The tower's patch tokens of ``images`` at ``size`` px, for encoding (no gradients).
-
-        On a CPU the batch goes through in chunks of at most ``CPU_PIXELS_PER_FORWARD`` input
-        pixels: measured on 2 cores, the 448 px pass cost 65-70 ms an image in batches of 4 and
-        46 ms one at a time (activations that outgrow the caches), while 224 px gains from 4.
-        """
-        import torch
-
+        """The tower's patch tokens of ``images`` at ``size`` px, for encoding (no gradients):
+        the inference copy of a loaded checkpoint's tower, in CPU-sized chunks (``run_tower``)."""
         tower = self._fast_tower if self._fast_tower is not None else self.model.tower
-        side = size or self.cfg.image_size
-        step = len(images) if not str(self.device).startswith("cpu") else max(1, CPU_PIXELS_PER_FORWARD // (side * side))
-        out = []
-        for i in range(0, len(images), step):
-            x = self.preprocess(images[i:i + step], side).to(self.device)
-            if getattr(tower, "channels_last", False):
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(tower(x))
-        return torch.cat(out)
+        return run_tower(tower, self.preprocess(images, size).to(self.device))
 
     def encode_conditions(self, images: Sequence[np.ndarray], anatomies: Sequence[str | None]
                           ) -> dict[str | None, np.ndarray]:

