@@ -164,6 +164,7 @@ def summarise(per_method: dict[str, QueryScores], has: dict[str, np.ndarray], cf
                    "ap@k": {f: float(np.nanmean(v)) if np.isfinite(v).any() else None for f, v in qs.ap.items()}}
         if qs.graded is not None and np.isfinite(qs.graded).any():
             rows[m]["graded@k"] = float(np.nanmean(qs.graded))
+            rows[m]["graded_queries"] = int(np.isfinite(qs.graded).sum())
     diffs: dict[str, Any] = {}
     if reference in per_method:
         ref = per_method[reference]
@@ -402,9 +403,11 @@ def _format_graded(result: dict[str, Any]) -> list[str]:
         return []
     b = result.get("graded") or {}
     kk = b.get("k", GRADED_K)
+    n = next(r.get("graded_queries") for r in result["methods"].values() if r.get("graded@k") is not None)
     head = (f"severity agreement@{kk} (radiologists' scores; scored queries vs other patients' scored images"
-            + (f", {b['queries']} queries; random expects {b['random_expected']:.3f}, best possible "
-               f"{b['oracle']:.3f}" if b.get("queries") else "") + "):")
+            f"{'' if n is None else f', {n} queries'}"
+            + (f"; random expects {b['random_expected']:.3f}, best possible {b['oracle']:.3f}"
+               if b.get("queries") else "") + "):")
     lines = ["", head] + [f"  {m:26s} {v:.3f}" for m, v in rows.items()]
     for pair, d in result.get("paired_differences", {}).items():
         if "graded@k" in d and np.isfinite(d["graded@k"][0]):
