@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     el.add_argument("--max-seconds", type=float, default=60.0, help="per scenario (upper bound)")
     el.add_argument("-k", type=int, default=10)
     el.add_argument("--warmup", type=int, default=50, help="uncounted requests per scenario first, same concurrency")
+    el.add_argument("--torch-threads", type=int, help="passed to the server (medrag serve --torch-threads)")
+    el.add_argument("--faiss-threads", type=int, help="passed to the server (medrag serve --faiss-threads)")
     el.set_defaults(func=_cmd_eval_load)
     sp = ev.add_parser("speed", help="build/query N x D vectors on FAISS HNSW/IVF and embedded Qdrant vs exact")
     sp.add_argument("--out", required=True, help="folder for speed.json")
@@ -130,8 +132,10 @@ def _cmd_eval_speed(a: argparse.Namespace) -> int:
 def _cmd_eval_load(a: argparse.Namespace) -> int:
     from eval.load import format_table, run
 
+    serve_args = [f"--{name}-threads={n}" for name, n in (("torch", a.torch_threads), ("faiss", a.faiss_threads))
+                  if n is not None]
     r = run(a.index, a.out, requests=a.requests, concurrency=a.concurrency, max_seconds=a.max_seconds, k=a.k,
-            warmup=a.warmup)
+            warmup=a.warmup, serve_args=serve_args)
     print(format_table(r))
     print(f"concurrency {r['concurrency']}, k={r['k']}, server start {r['server_startup_s']}s; wrote {a.out}/load.json")
     return 0
