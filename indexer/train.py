@@ -457,7 +457,7 @@ def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any, tra
 
 
 def _tower_tokens(model: Any, images: np.ndarray, cfg: TrainConfig, batch: int = 32) -> Any:
-    """Raw tower tokens of every image (the tower as it is now, not trained here), on the CPU.
+    """Raw tower tokens of every image (the tower as it is now; nothing here trains it), on the CPU.
 
     Through the tower's inference copy in CPU-sized chunks (``towers.run_tower``): the same
     tokens to ~1e-5, and on 2 cores the 448 px probe pass is the slowest part of a fold.
