@@ -162,4 +162,4 @@ def test_the_filter_cache_keeps_to_its_byte_budget(tmp_path, monkeypatch):
     for m in MODS[:5]:
         ix.search("image", x[:1], K, SearchFilter(modality=[m]))
     assert list(ix._allowed_cache) == [b"image|" + msgspec.json.encode(SearchFilter(modality=[m])) for m in MODS[3:5]]
-    assert ix._allowed_bytes == 2 * one
+    assert ix._allowed_cache.bytes == 2 * one

@@ -257,7 +257,7 @@ class NativeEncoder:
         self.cfg = cfg
         self.device = _torch_device(device)
         self.model = model.to(self.device).eval()
-        self._fast_tower: Any = None  # set by load(): an inference-only copy of the tower
+        self._fast_tower: Any = None  # set by load(): the tower to encode with (towers.inference_copy)
         self.checkpoint = checkpoint
         self.dim = cfg.dim
         self._index = {a: i for i, a in enumerate(cfg.anatomies)}
@@ -291,8 +291,7 @@ class NativeEncoder:
                                                     load_file(str(path / "text_proj.safetensors")))
         else:
             enc = cls(cfg, model, device, path)
-        if hasattr(model.tower, "for_inference"):  # a loaded checkpoint only encodes: fold what it can
-            enc._fast_tower = inference_copy(model.tower).to(enc.device)
+        enc._fast_tower = inference_copy(model.tower).to(enc.device)  # a loaded checkpoint only encodes
         return enc
 
     @classmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,41 @@ def _faiss() -> Any:
 def _shared_filter(flt: SearchFilter) -> bool:
     """A filter likely to repeat across queries (no per-query study/patient identity in it)."""
     return not (flt.study_ids or flt.exclude_study_ids or flt.patient_id or flt.exclude_patient_id)
+
+
+class _BudgetCache:
+    """Arrays of recent filters kept up to a byte budget, the oldest dropped first.
+
+    One reader serves the API's threads, so a store or an eviction happens under a lock; a read
+    is a plain dict lookup. The budget is passed on each store (the module constants stay the
+    one place it is set).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[bytes, tuple[tuple[np.ndarray, np.ndarray], int]] = {}
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._items))
+
+    def get(self, key: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+        hit = self._items.get(key)
+        return None if hit is None else hit[0]
+
+    def put(self, key: bytes, value: tuple[np.ndarray, np.ndarray], size: int, budget: int) -> None:
+        if size > budget:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            while self._items and self.bytes + size > budget:
+                self.bytes -= self._items.pop(next(iter(self._items)))[1]
+            self._items[key] = (value, size)
+            self.bytes += size
 
 
 def factory_string(kind: str, n: int) -> str:
@@ -274,11 +309,8 @@ class FaissIndex:
                 self._by_patient.setdefault(str(p["patient_id"]), []).append(i)
         self._masks: dict[bytes, np.ndarray] = {}
         self._selectors: dict[bytes, Any] = {}
-        self._subsets: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-        self._subset_bytes = 0
-        self._allowed_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-        self._allowed_bytes = 0
-        self._allowed_lock = threading.Lock()
+        self._subsets = _BudgetCache()  # gathered raw rows of recent filters (see _subset_scan)
+        self._allowed_cache = _BudgetCache()  # masks and id lists of recent shared filters (see _allowed)
         for ix in self._index.values():
             base = faiss.downcast_index(ix.index)
             if isinstance(base, faiss.IndexIVF):
@@ -343,19 +375,11 @@ class FaissIndex:
         the HNSW walk it restricts (measured: it was most of the 2.5x filtered/unfiltered p50).
         """
         cached = self._allowed_cache.get(key)
-        if cached is not None:
-            return cached
-        mask = self._mask(flt) & (self._row_of[space] >= 0)
-        cached = (mask, np.flatnonzero(mask).astype(np.int64))
-        size = cached[0].nbytes + cached[1].nbytes
-        if _shared_filter(flt) and size <= ALLOWED_CACHE_BYTES:
-            with self._allowed_lock:  # concurrent API threads share this reader
-                while self._allowed_cache and self._allowed_bytes + size > ALLOWED_CACHE_BYTES:
-                    old = self._allowed_cache.pop(next(iter(self._allowed_cache)))
-                    self._allowed_bytes -= old[0].nbytes + old[1].nbytes
-                if key not in self._allowed_cache:
-                    self._allowed_cache[key] = cached
-                    self._allowed_bytes += size
+        if cached is None:
+            mask = self._mask(flt) & (self._row_of[space] >= 0)
+            cached = (mask, np.flatnonzero(mask).astype(np.int64))
+            if _shared_filter(flt):
+                self._allowed_cache.put(key, cached, cached[0].nbytes + cached[1].nbytes, ALLOWED_CACHE_BYTES)
         return cached
 
     def _subset_scan(self, space: str, key: bytes, allowed: np.ndarray, q: np.ndarray, k: int,
@@ -371,12 +395,8 @@ class FaissIndex:
         if cached is None:
             order = np.sort(self._row_of[space][allowed])
             cached = (np.ascontiguousarray(self._rows[space][order]), self._row_ids[space][order])
-            size = cached[0].nbytes
-            if cache and len(order) > EXACT_SUBSET and size <= SUBSET_CACHE_BYTES:
-                while self._subsets and self._subset_bytes + size > SUBSET_CACHE_BYTES:
-                    self._subset_bytes -= self._subsets.pop(next(iter(self._subsets)))[0].nbytes
-                self._subsets[key] = cached
-                self._subset_bytes += size
+            if cache and len(order) > EXACT_SUBSET:
+                self._subsets.put(key, cached, cached[0].nbytes, SUBSET_CACHE_BYTES)
         rows, ids = cached
         sims = q @ rows.T
         kk = min(k, len(ids))
