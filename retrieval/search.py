@@ -250,7 +250,7 @@ class Searcher:
                 break
             fetch *= 4
         kind = ("embedding:" + space.split("@", 1)[1]) if conditioned else ""
-        asked = "image-finding:" + self.tax.finding(q.finding).name if q.finding and q.finding_by == "image" else ""
+        asked = "image-finding:" + self.tax.finding(q.finding or "").name if self._finding_by_image(q) else ""
         kind = "+".join(x for x in (kind, asked or ("filter" if q.finding else "")) if x) or "none"
         return SearchResult(mode, space, kind, _builtins(flt),
                             [self._case(h, n, q) for h, n in hits])

@@ -12,7 +12,14 @@ import re
 from collections.abc import Sequence
 
 from retrieval.entities import EntityExtractor, coarse_labels
-from retrieval.rag.types import ContextCase, ContextSentence, DraftContext, PriorStudy
+from retrieval.rag.types import (
+    ContextCase,
+    ContextSentence,
+    Draft,
+    DraftContext,
+    DraftSentence,
+    PriorStudy,
+)
 from retrieval.records import Label, LabelKey, Status
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
@@ -72,3 +79,14 @@ class ContextBuilder:
         if prior is not None and prior[1] and prior[1].strip():
             pri = PriorStudy(prior[0], prior[1], labels_of(prior[1], self.ex, self.tax), prior[2])
         return DraftContext(tuple(kept), pri, anatomy, finding, used)
+
+
+def copy_report(case: ContextCase, generator: str, builder: ContextBuilder | None = None) -> Draft:
+    """A draft that is ``case``'s report verbatim, each sentence citing that case (the copy
+    baselines: copy-nearest, copy-mbr)."""
+    builder = builder or ContextBuilder()
+    draft = Draft(generator=generator)
+    draft.cases_used = [{"study_id": case.study_id, "score": round(case.score, 4)}]
+    draft.findings = [DraftSentence(s.text, (case.study_id,), s.labels)
+                      for s in builder.sentences(case.study_id, case.report)]
+    return draft

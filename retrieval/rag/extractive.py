@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 
 from retrieval.rag.consistency import ConsistencyChecker
-from retrieval.rag.context import ContextBuilder, agreeing_cases
+from retrieval.rag.context import ContextBuilder, agreeing_cases, copy_report
 from retrieval.rag.mbr import POOL, SCORE_WEIGHT, SIMILARITIES, SIMILARITY, mbr_base
 from retrieval.rag.overlap import rouge_l
 from retrieval.rag.types import (
@@ -256,13 +256,7 @@ class ExtractiveGenerator:
 
 def copy_nearest(ctx: DraftContext) -> Draft:
     """Baseline: the nearest case's report, verbatim, each sentence citing that case."""
-    draft = Draft(generator="copy-nearest")
-    if ctx.cases:
-        top = ctx.cases[0]
-        draft.cases_used = [{"study_id": top.study_id, "score": round(top.score, 4)}]
-        draft.findings = [DraftSentence(s.text, (top.study_id,), s.labels)
-                          for s in _all_sentences(top)]
-    return draft
+    return copy_report(ctx.cases[0], "copy-nearest") if ctx.cases else Draft(generator="copy-nearest")
 
 
 def _all_sentences(case: ContextCase) -> list[ContextSentence]:

@@ -20,9 +20,9 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from retrieval.rag.context import ContextBuilder
+from retrieval.rag.context import ContextBuilder, copy_report
 from retrieval.rag.overlap import rouge_l
-from retrieval.rag.types import ContextCase, Draft, DraftContext, DraftImages, DraftSentence
+from retrieval.rag.types import ContextCase, Draft, DraftContext, DraftImages
 
 # The setting chosen on IU X-ray train (leave-one-out, twins removed, 1,200 queries; docs/drafting.md):
 # the top 5 (the protocol's k), bag-of-words F1, and 15 x the retrieval score. Pure MBR
@@ -104,10 +104,7 @@ class CopyMBRGenerator:
     def generate(self, ctx: DraftContext, images: DraftImages | None = None) -> Draft:
         if self._builder is None:
             self._builder = ContextBuilder()
-        draft = Draft(generator=self.name)
-        if ctx.cases:
-            base = mbr_base(ctx.cases, self.pool, self.similarity, self.score_weight)
-            draft.cases_used = [{"study_id": base.study_id, "score": round(base.score, 4)}]
-            draft.findings = [DraftSentence(s.text, (base.study_id,), s.labels)
-                              for s in self._builder.sentences(base.study_id, base.report)]
-        return draft
+        if not ctx.cases:
+            return Draft(generator=self.name)
+        return copy_report(mbr_base(ctx.cases, self.pool, self.similarity, self.score_weight), self.name,
+                           self._builder)
