@@ -72,7 +72,7 @@ from api.settings import Settings
 from api.uploads import UploadError, decode
 from indexer.phi import stored_image_path
 from retrieval.imaging.paths import ImagePathError
-from retrieval.records import Label, Payload
+from retrieval.records import Label, Mention
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("medrag.api")
@@ -132,7 +132,7 @@ class Service:
 
             limit = 200_000
             pts = self.index.find(SearchFilter(), limit=limit)
-            return len({Payload.of(p.payload).study_id for p in pts}) if len(pts) < limit else None
+            return len({p.payload.study_id for p in pts}) if len(pts) < limit else None
         except Exception:  # counting is informative only
             return None
 
@@ -148,15 +148,21 @@ class Service:
             raise NotFound(f"study {study_id!r} is not in the index")
         return pts
 
-    def highlights(self, report: str | None, matched: list[Label]) -> list[Highlight]:
+    def highlights(self, report: str | None, matched: list[Label],
+                   mentions: list[Mention] | None = None) -> list[Highlight]:
+        """The report's mentions, marked where the query asked for them. ``mentions`` were mined
+        when the study was indexed; an index built before they were stored is mined here."""
         if not report:
             return []
+        if mentions is None:
+            mentions = [Mention(e.span[0], e.span[1], e.anatomy, e.finding, e.status)
+                        for e in self.extractor.extract(report)]
         want = {m.key for m in matched}
         want_findings = {m.finding for m in matched}
         out = []
-        for e in self.extractor.extract(report):
+        for e in mentions:
             hit = (e.anatomy, e.finding) in want or (e.finding in want_findings and e.status != "absent")
-            out.append(Highlight(e.span[0], e.span[1], e.anatomy, e.finding, e.status, hit))
+            out.append(Highlight(e.start, e.end, e.anatomy, e.finding, e.status, hit))
         return out
 
     def thumbnail(self, study_id: str, n: int) -> bytes:
@@ -181,7 +187,7 @@ class Service:
         """Decoded stored image ``n`` of a study, through the guarded path resolver."""
         from retrieval.imaging.images import ImageLoadError, load_image
 
-        images = [img for p in self.study_points(study_id) if (img := Payload.of(p.payload).image)]
+        images = [img for p in self.study_points(study_id) if (img := p.payload.image)]
         if not 0 <= n < len(images):
             raise NotFound(f"study {study_id!r} has no image {n}")
         try:
@@ -205,7 +211,7 @@ class Service:
 
     def search_out(self, res, took: float) -> SearchOut:
         hits = [CaseOut(h.study_id, h.score, h.modality, h.study_date, h.report, h.matched_entities,
-                        self.highlights(h.report, h.matched_entities),
+                        self.highlights(h.report, h.matched_entities, h.mentions),
                         f"/api/cases/{h.study_id}/images/0" if h.image else None, h.images_matched)
                 for h in res.hits]
         return SearchOut(res.mode, res.space, res.conditioning, res.filter, round(took * 1000, 2), hits)
@@ -527,14 +533,13 @@ async def search_vector(state: State, data: JSONBody[VectorSearchIn]) -> SearchO
 async def case_detail(state: State, study_id: FromPath[str]) -> CaseDetail:
     svc = _service(state)
     pts = await _blocking(svc, lambda: svc.study_points(study_id))
-    p0 = Payload.of(pts[0].payload)
+    p0 = pts[0].payload
     report = p0.report
-    ents = []
-    for e in svc.extractor.extract(report):
-        ents.append(EntityOut(e.anatomy, e.finding, e.status, (report or "")[e.span[0]:e.span[1]]))
-    n_images = sum(1 for p in pts if Payload.of(p.payload).image)
+    marks = svc.highlights(report, [], p0.mentions)
+    ents = [EntityOut(h.anatomy, h.finding, h.status, (report or "")[h.start:h.end]) for h in marks]
+    n_images = sum(1 for p in pts if p.payload.image)
     return CaseDetail(study_id, p0.modality, p0.study_date, report, ents,
-                      svc.highlights(report, []), [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])
+                      marks, [f"/api/cases/{study_id}/images/{i}" for i in range(n_images)])
 
 
 @get("/api/cases/{study_id:str}/images/{n:int}", guards=[require_key], tags=["cases"], media_type="image/png",

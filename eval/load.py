@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.records import Payload
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -51,7 +49,7 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
 
     index = open_index(uri)
     try:
-        points = [p for p in index.find(SearchFilter(), limit=5000) if Payload.of(p.payload).image]
+        points = [p for p in index.find(SearchFilter(), limit=5000) if p.payload.image]
         if not points:
             raise ValueError(f"{uri}: no image points to draw queries from")
         rng = np.random.default_rng(seed)
@@ -60,7 +58,7 @@ def _payloads(uri: str, n: int, seed: int) -> tuple[list[list[float]], list[byte
         uploads = []
         for p in pick[:32]:
             try:
-                arr = load_image(stored_image_path(str(Payload.of(p.payload).image), uri, index.meta.image_root))
+                arr = load_image(stored_image_path(str(p.payload.image), uri, index.meta.image_root))
             except ImageLoadError:
                 continue
             buf = io.BytesIO()

@@ -51,7 +51,7 @@ from retrieval.index import (
     parse_uri,
 )
 from retrieval.index.base import date_to_day
-from retrieval.records import LabelKey, Payload, Study, as_labels
+from retrieval.records import LabelKey, Mention, Payload, Study, as_labels
 from retrieval.settings import env
 from retrieval.storage import atomic_write_bytes
 from retrieval.taxonomy import Taxonomy, default_taxonomy
@@ -107,6 +107,9 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
     def expand(pairs: set[LabelKey]) -> list[str]:
         return sorted({f"{a}:{f}" for anat, f in pairs for a in tax.ancestors(anat)})
 
+    report = (study.report or "")[:REPORT_SNIPPET] or None
+    # where the stored text states each label, mined once here (answers highlight from these)
+    mentions = [Mention(e.span[0], e.span[1], e.anatomy, e.finding, e.status) for e in extractor.extract(report)]
     return Payload(
         study_id=study.study_id,
         patient_id=study.patient_id,
@@ -116,7 +119,7 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
         image=(image if is_image_ref(image) else image_ref(image)) if image else None,
         image_key=image_key,
         view=view,
-        report=(study.report or "")[:REPORT_SNIPPET] or None,
+        report=report,
         has_report=bool(study.report),
         findings=sorted({f for _, f in present}),
         findings_any=sorted({f for _, f in anyp}),
@@ -125,6 +128,7 @@ def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy
         anatomy_findings_any=expand(anyp),
         entities=as_labels(labels),
         labels=study.labels,
+        mentions=mentions,
     )
 
 

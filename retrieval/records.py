@@ -80,6 +80,17 @@ def as_labels(collapsed: dict[LabelKey, Status]) -> list[Label]:
     return sorted(Label(k.anatomy, k.finding, s) for k, s in collapsed.items())
 
 
+class Mention(msgspec.Struct, frozen=True):
+    """Where a report states a label: character offsets into the payload's ``report`` (what the
+    API highlights). Mined once, when the study is indexed, not on every answer."""
+
+    start: int
+    end: int
+    anatomy: str
+    finding: str
+    status: Status
+
+
 class Payload(msgspec.Struct, frozen=True, omit_defaults=True):
     """What an index point carries besides its vectors (one image, or a report-only study).
 
@@ -106,6 +117,8 @@ class Payload(msgspec.Struct, frozen=True, omit_defaults=True):
     anatomy_findings_any: list[str] = []
     entities: list[Label] = []
     labels: list[str] | None = None  # a labelled source's own label names ([] = normal, e.g. "No Finding")
+    # the report's mentions, mined at build time (None: an index built before they were stored)
+    mentions: list[Mention] | None = None
 
     @classmethod
     def of(cls, raw: dict[str, Any] | Payload) -> Payload:

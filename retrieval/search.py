@@ -41,7 +41,7 @@ from retrieval.index import (
     VectorIndex,
     anatomy_space,
 )
-from retrieval.records import ABSENT, Label, Payload
+from retrieval.records import ABSENT, Label, Mention, Payload
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
 
@@ -77,6 +77,7 @@ class CaseHit:
     images_matched: int = 1
     stated: list[Label] = field(default_factory=list)  # every present/hedged label of the case
     labels: list[str] | None = None  # a labelled source's label names ([]: normal)
+    mentions: list[Mention] | None = None  # where the report states its labels (None: not stored)
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,12 @@ class Searcher:
 
     def by_study(self, study_id: str, q: Query, same_patient: bool = True) -> SearchResult:
         """Cases similar to a study already in the index (its stored vectors are the query)."""
-        points = [p for p in self.index.find(SearchFilter(study_ids=[study_id]), limit=256)
-                  if Payload.of(p.payload).image]
+        points = [p for p in self.index.find(SearchFilter(study_ids=[study_id]), limit=256) if p.payload.image]
         if not points:
             raise SearchError(f"study {study_id!r} is not in the index (or has no image)")
         space, anatomy = self._space(self._anatomy(q))
         vec = self._ask(self._mean(self.index.vectors(space, [p.id for p in points])), anatomy, q)
-        patient = Payload.of(points[0].payload).patient_id
+        patient = points[0].payload.patient_id
         q2 = _replace(q, exclude_study_id=study_id,
                       exclude_patient_id=q.exclude_patient_id or (None if same_patient else patient))
         return self._run("study->image", space, vec, q2, conditioned=anatomy is not None)
@@ -243,7 +243,7 @@ class Searcher:
         fetch = q.k * 3 + 8
         while True:
             found = self.index.search(space, vec, fetch, flt)[0]
-            points = [p for p in found if Payload.of(p.payload).image_key not in q.exclude_image_keys] \
+            points = [p for p in found if p.payload.image_key not in q.exclude_image_keys] \
                 if q.exclude_image_keys else found
             hits = _by_study(points, q.k)
             if len(hits) >= q.k or len(found) < fetch or fetch >= 64 * q.k:
@@ -256,11 +256,12 @@ class Searcher:
                             [self._case(h, n, q) for h, n in hits])
 
     def _case(self, hit: Hit, n_images: int, q: Query) -> CaseHit:
-        p = Payload.of(hit.payload)
+        p = hit.payload
         return CaseHit(study_id=p.study_id, score=round(hit.score, 6), point_id=hit.id,
                        image=p.image, modality=p.modality, study_date=p.study_date,
                        report=p.report, matched_entities=self._matched(p, q), images_matched=n_images,
-                       stated=[e for e in p.entities if e.status != ABSENT], labels=p.labels)
+                       stated=[e for e in p.entities if e.status != ABSENT], labels=p.labels,
+                       mentions=p.mentions)
 
     def _matched(self, payload: Payload, q: Query) -> list[Label]:
         ents = [e for e in payload.entities if e.status != ABSENT]
@@ -276,7 +277,7 @@ class Searcher:
 def _by_study(points: list[Hit], k: int) -> list[tuple[Hit, int]]:
     best: dict[str, tuple[Hit, int]] = {}
     for h in points:
-        sid = Payload.of(h.payload).study_id
+        sid = h.payload.study_id
         if sid in best:
             best[sid] = (best[sid][0], best[sid][1] + 1)
         else:

@@ -52,7 +52,7 @@ def row(attack: str, tries: int, failures: int, note: str = "") -> None:
 def vectors(uri: str) -> dict[str, np.ndarray]:
     ix = open_index(uri)
     try:
-        return {str(p.payload["study_id"]): ix.vectors("image", [p.id])[0]
+        return {str(p.payload.study_id): ix.vectors("image", [p.id])[0]
                 for p in ix.find(SearchFilter(), limit=100_000)}
     finally:
         ix.close()

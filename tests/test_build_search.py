@@ -12,8 +12,9 @@ from api.cli import main
 from indexer.build import BuildConfig, build_index
 from indexer.manifest import read_manifest, write_manifest
 from indexer.sources.folder import from_folder
+from retrieval.entities import EntityExtractor
 from retrieval.index import open_index
-from retrieval.records import Label, Payload, Study
+from retrieval.records import Label, Mention, Study
 from retrieval.search import Query, Searcher, SearchError
 from retrieval.taxonomy import UnknownTermError
 
@@ -77,9 +78,14 @@ def test_build_skips_bad_input_and_keeps_the_rest(built):
 def test_payload_carries_mined_entities(built):
     _, uri, _ = built
     p = open_index(uri).find(_sid("st00"))[0].payload
-    assert Label("left lower lobe", "opacity", "present") in Payload.of(p).entities
-    assert "lung:opacity" in p["anatomy_findings"] and "left lung:opacity" in p["anatomy_findings"]
-    assert "effusion" in p["findings_absent"] and p["study_day"] == 18262
+    assert Label("left lower lobe", "opacity", "present") in p.entities
+    assert "lung:opacity" in p.anatomy_findings and "left lung:opacity" in p.anatomy_findings
+    assert "effusion" in p.findings_absent and p.study_day == 18262
+    # the report's mentions are mined at build time, on the stored text (answers highlight from them)
+    assert p.report and p.mentions == [Mention(e.span[0], e.span[1], e.anatomy, e.finding, e.status)
+                                       for e in EntityExtractor().extract(p.report)]
+    opacity = next(m for m in p.mentions if (m.anatomy, m.finding, m.status) == ("left lower lobe", "opacity", "present"))
+    assert "opacity" in p.report[opacity.start:opacity.end].lower()
 
 
 def _sid(s):

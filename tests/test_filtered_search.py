@@ -14,6 +14,7 @@ import pytest
 
 import retrieval.index.faiss_index as fi
 from retrieval.index import IndexMeta, SearchFilter, open_index, open_writer
+from retrieval.records import Payload
 
 N, D, K = 6000, 16, 10
 MODS = ("CR", "CT", "MR", "US", "DX", "MG", "NM", "PT", "XA", "RF")
@@ -32,7 +33,7 @@ def _build(tmp_path, kind):
 
 
 def _exact(x, payloads, q, flt, k):
-    ok = np.array([flt.matches(p) for p in payloads])
+    ok = np.array([flt.matches(Payload.of(p)) for p in payloads])
     idx = np.flatnonzero(ok)
     s = x[idx] @ q
     order = np.argsort(-s, kind="stable")[:k]
@@ -64,12 +65,12 @@ def test_ten_percent_filter_on_an_approximate_index_postfilters_without_a_select
     for q in qs:
         got = ix.search("image", q[None], K, flt)[0]
         ref, ref_s = _exact(x, payloads, q, flt, K)
-        assert len(got) == K and all(h.payload["modality"] == "CT" for h in got)
+        assert len(got) == K and all(h.payload.modality == "CT" for h in got)
         assert [h.score for h in got] == sorted((h.score for h in got), reverse=True)
         recalls.append(len({h.id for h in got} & set(ref.tolist())) / K)
         # exactly the passing points of the index's own unfiltered top-k' (k' = 2 k / 10%)
         wide = ix.search("image", q[None], 2 * K * 10)[0]
-        assert [h.id for h in got] == [h.id for h in wide if h.payload["modality"] == "CT"][:K]
+        assert [h.id for h in got] == [h.id for h in wide if h.payload.modality == "CT"][:K]
     assert np.mean(recalls) >= 0.95, np.mean(recalls)
     assert spy.calls.count("_postfilter") == 20 and "_selector_search" not in spy.calls  # before the change: "_selector_search" every time
 

@@ -13,6 +13,7 @@ import pytest
 
 from retrieval.index import IndexError_, IndexMeta, SearchFilter, open_index, open_writer
 from retrieval.index.base import SearchRequest
+from retrieval.records import Payload
 
 N, D, K = 600, 24, 10
 _counter = itertools.count()
@@ -53,7 +54,7 @@ def _build(uri, kind, x, r, payloads):
 
 
 def _exact(x, payloads, q, flt, k, present=None):
-    ok = [i for i in range(N) if (flt is None or flt.matches(payloads[i])) and (present is None or present[i])]
+    ok = [i for i in range(N) if (flt is None or flt.matches(Payload.of(payloads[i]))) and (present is None or present[i])]
     sims = x[ok] @ q
     order = np.argsort(-sims, kind="stable")[:k]
     return [ok[j] for j in order], sims[order]
@@ -98,7 +99,7 @@ def test_backends_agree_with_exact_scan(backend, kind, tmp_path):
     assert [h.id for h in got] == ref if kind == "flat" else len(set(h.id for h in got) & set(ref)) >= 8
     # stored vectors and payloads come back
     np.testing.assert_allclose(ix.vectors("image", [5, 7]), x[[5, 7]], atol=1e-6)
-    assert ix.payloads([9])[0]["study_id"] == "s4"
+    assert ix.payloads([9])[0].study_id == "s4"
     assert {h.id for h in ix.find(SearchFilter(study_ids=["s10"]))} == {20, 21}
     with pytest.raises(IndexError_, match="no space"):
         ix.search("image@nowhere", x[:1], 3)

@@ -39,7 +39,7 @@ def vectors_by_study(uri: str) -> dict[str, np.ndarray]:
     ix = open_index(uri)
     try:
         pts = ix.find(SearchFilter(), limit=10_000)
-        return {str(p.payload["study_id"]): ix.vectors("image", [p.id])[0] for p in pts}
+        return {p.payload.study_id: ix.vectors("image", [p.id])[0] for p in pts}
     finally:
         ix.close()
 

@@ -74,7 +74,7 @@ def test_a_ray_build_with_a_killed_worker_equals_the_local_build(tmp_path, monke
     a, b = open_index(f"faiss:{tmp_path}/local"), open_index(f"faiss:{tmp_path}/ray")
     ids = list(range(len(a)))
     assert len(a) == len(b) == 40
-    assert [p["study_id"] for p in a.payloads(ids)] == [p["study_id"] for p in b.payloads(ids)]
+    assert [p.study_id for p in a.payloads(ids)] == [p.study_id for p in b.payloads(ids)]
     for space in a.meta.spaces:
         np.testing.assert_array_equal(a.vectors(space, ids), b.vectors(space, ids))
     # resume: a rerun with the Ray engine finds every segment and encodes nothing

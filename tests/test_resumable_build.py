@@ -33,7 +33,7 @@ def snapshot(uri: str) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
         out = {}
         for p in pts:
             vecs = {sp: ix.vectors(sp, [p.id])[0] for sp in sorted(ix.meta.spaces)}
-            out[str(p.payload["study_id"])] = (p.payload, vecs)
+            out[p.payload.study_id] = (p.payload, vecs)
         return out
     finally:
         ix.close()
@@ -149,7 +149,7 @@ def test_rerun_reuses_segments_and_incremental_add_delete(synth, tmp_path):
     p = ix.find(SearchFilter(study_ids=[studies[105].study_id]))[0].payload
     from indexer.phi import stored_image_path
 
-    assert stored_image_path(p["image"], uri, ix.meta.image_root).is_file()
+    assert stored_image_path(str(p.image), uri, ix.meta.image_root).is_file()
     ix.close()
     with pytest.raises(ValueError, match="not in the index: nope"):
         delete_studies(uri, ["nope"])

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 import numpy as np
+
+from retrieval.records import Payload
 
 IMAGE = "image"
 REPORT = "report"
@@ -63,30 +65,30 @@ class SearchFilter(msgspec.Struct, frozen=True, omit_defaults=True):
     date_to: str | None = None
     has_report: bool | None = None
 
-    def matches(self, p: dict[str, Any]) -> bool:
+    def matches(self, p: Payload) -> bool:
         """Reference semantics (FAISS evaluates it; Qdrant translates it)."""
-        if self.modality and p.get("modality") not in self.modality:
+        if self.modality and p.modality not in self.modality:
             return False
-        fkey = "findings_any" if self.include_uncertain else "findings"
-        if self.findings and not set(self.findings) <= set(p.get(fkey) or ()):
+        found = p.findings_any if self.include_uncertain else p.findings
+        if self.findings and not set(self.findings) <= set(found):
             return False
-        akey = "anatomy_findings_any" if self.include_uncertain else "anatomy_findings"
-        if self.anatomy_findings and not set(self.anatomy_findings) <= set(p.get(akey) or ()):
+        pairs = p.anatomy_findings_any if self.include_uncertain else p.anatomy_findings
+        if self.anatomy_findings and not set(self.anatomy_findings) <= set(pairs):
             return False
-        if self.patient_id is not None and p.get("patient_id") != self.patient_id:
+        if self.patient_id is not None and p.patient_id != self.patient_id:
             return False
-        if self.study_ids is not None and p.get("study_id") not in self.study_ids:
+        if self.study_ids is not None and p.study_id not in self.study_ids:
             return False
-        if self.exclude_patient_id is not None and p.get("patient_id") == self.exclude_patient_id:
+        if self.exclude_patient_id is not None and p.patient_id == self.exclude_patient_id:
             return False
-        if self.exclude_study_ids and p.get("study_id") in self.exclude_study_ids:
+        if self.exclude_study_ids and p.study_id in self.exclude_study_ids:
             return False
-        day = p.get("study_day")
+        day = p.study_day
         if self.date_from is not None and (day is None or day < date_to_day(self.date_from)):
             return False
         if self.date_to is not None and (day is None or day > date_to_day(self.date_to)):
             return False
-        if self.has_report is not None and bool(p.get("report")) != self.has_report:
+        if self.has_report is not None and bool(p.report) != self.has_report:
             return False
         return True
 
@@ -104,9 +106,12 @@ def date_to_day(value: str) -> int:
 
 @dataclass(frozen=True)
 class Hit:
+    """One point found: its id, its score (0 for :meth:`VectorIndex.find`) and its payload, typed
+    by the backend that read it (the one place stored JSON becomes a :class:`Payload`)."""
+
     id: int
     score: float
-    payload: dict[str, Any] = field(default_factory=dict)
+    payload: Payload
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an array field has no truth-valued ==
@@ -147,7 +152,7 @@ class VectorIndex(Protocol):
         (ties aside), in as few engine calls as the backend allows (one for Qdrant)."""
         ...
 
-    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]: ...
+    def payloads(self, ids: Sequence[int]) -> list[Payload]: ...
 
     def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
         """Points matching ``flt`` (no vector), e.g. all images of one study."""

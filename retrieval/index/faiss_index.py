@@ -30,6 +30,7 @@ import numpy as np
 
 from retrieval.index.base import Hit, IndexError_, IndexMeta, SearchFilter, SearchRequest
 from retrieval.index.versions import new_staging, open_version, publish
+from retrieval.records import Payload
 
 EXACT_SUBSET = 4096
 HNSW_M = 32
@@ -291,9 +292,9 @@ class FaissIndex:
         self._index = {s: faiss.read_index(str(self.path / f"{i}.faiss")) for s, i in self._files.items()}
         self._rows = {s: np.load(self.path / f"{i}.npy", mmap_mode="r") for s, i in self._files.items()}
         self._row_ids = {s: np.load(self.path / f"{i}.ids.npy") for s, i in self._files.items()}
-        dec = msgspec.json.Decoder()
+        dec = msgspec.json.Decoder(Payload)  # typed once, at open: hits carry these objects
         with open(self.path / "payloads.jsonl", "rb") as fh:
-            self._payloads: list[dict[str, Any]] = [dec.decode(line) for line in fh]
+            self._payloads: list[Payload] = [dec.decode(line) for line in fh]
         n = len(self._payloads)
         # id -> row of each space's raw matrix (-1: no vector there); ids are 0..n-1
         self._row_of: dict[str, np.ndarray] = {}
@@ -304,9 +305,9 @@ class FaissIndex:
         self._by_study: dict[str, list[int]] = {}
         self._by_patient: dict[str, list[int]] = {}
         for i, p in enumerate(self._payloads):
-            self._by_study.setdefault(str(p.get("study_id")), []).append(i)
-            if p.get("patient_id"):
-                self._by_patient.setdefault(str(p["patient_id"]), []).append(i)
+            self._by_study.setdefault(p.study_id, []).append(i)
+            if p.patient_id:
+                self._by_patient.setdefault(p.patient_id, []).append(i)
         self._masks: dict[bytes, np.ndarray] = {}
         self._selectors: dict[bytes, Any] = {}
         self._subsets = _BudgetCache()  # gathered raw rows of recent filters (see _subset_scan)
@@ -514,7 +515,7 @@ class FaissIndex:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         return [Hit(int(i), float(s), self._payloads[int(i)]) for s, i in zip(scores, ids, strict=True) if i >= 0]
 
-    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+    def payloads(self, ids: Sequence[int]) -> list[Payload]:
         return [self._payloads[int(i)] for i in ids]
 
     def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:

@@ -39,6 +39,7 @@ from retrieval.index.base import (
     date_to_day,
 )
 from retrieval.index.versions import new_staging, open_version, publish, write_checksums
+from retrieval.records import Payload
 from retrieval.settings import QdrantCollectionSettings
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,14 @@ def _translated(items: list[_Item], m: ModuleType, range_cls: str) -> list[Any]:
     return out
 
 
+def _payload(raw: Any) -> Payload:
+    """A stored payload (JSON builtins, as the engine returns it) as its type: the one conversion
+    per point read; everything above the index reads fields."""
+    return msgspec.convert(raw or {}, Payload)
+
+
 def _hits(points: Any) -> list[Hit]:
-    return [Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in points]
+    return [Hit(int(p.id), float(p.score), _payload(p.payload)) for p in points]
 
 
 class EdgeIndex(_QdrantReader):
@@ -262,15 +269,15 @@ class EdgeIndex(_QdrantReader):
                 for (space, vec, k, _), f in zip(items, _translated(items, e, "RangeFloat"), strict=True)]
         return [_hits(points) for points in self.shard.query_batch(e.QueryBatchRequest(reqs))]
 
-    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
-        recs = {int(r.id): dict(r.payload or {}) for r in self.shard.retrieve([int(i) for i in ids], True, False)}
+    def payloads(self, ids: Sequence[int]) -> list[Payload]:
+        recs = {int(r.id): _payload(r.payload) for r in self.shard.retrieve([int(i) for i in ids], True, False)}
         return [recs[int(i)] for i in ids]
 
     def find(self, flt: SearchFilter, limit: int = 100) -> list[Hit]:
         e = _edge()
         recs, _ = self.shard.scroll(e.ScrollRequest(limit=limit, filter=translate_filter(flt, e, "RangeFloat"),
                                                     with_payload=True))
-        return [Hit(int(r.id), 0.0, dict(r.payload or {})) for r in recs]
+        return [Hit(int(r.id), 0.0, _payload(r.payload)) for r in recs]
 
     def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
         self._check(space, np.zeros((1, self.meta.spaces.get(space, 1)), np.float32))
@@ -426,8 +433,8 @@ class ServerIndex(_QdrantReader):
                 for (space, vec, k, _), f in zip(items, _translated(items, qm, "Range"), strict=True)]
         return [_hits(res.points) for res in self.client.query_batch_points(self.collection, requests=reqs)]
 
-    def payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
-        recs = {int(r.id): dict(r.payload or {}) for r in
+    def payloads(self, ids: Sequence[int]) -> list[Payload]:
+        recs = {int(r.id): _payload(r.payload) for r in
                 self.client.retrieve(self.collection, [int(i) for i in ids], with_payload=True)}
         return [recs[int(i)] for i in ids]
 
@@ -436,7 +443,7 @@ class ServerIndex(_QdrantReader):
 
         recs, _ = self.client.scroll(self.collection, scroll_filter=translate_filter(flt, qm, "Range"),
                                      limit=limit, with_payload=True)
-        return [Hit(int(r.id), 0.0, dict(r.payload or {})) for r in recs]
+        return [Hit(int(r.id), 0.0, _payload(r.payload)) for r in recs]
 
     def vectors(self, space: str, ids: Sequence[int]) -> np.ndarray:
         self._check(space, np.zeros((1, self.meta.spaces.get(space, 1)), np.float32))
