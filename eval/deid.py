@@ -37,18 +37,20 @@ from indexer.deid import PLACEHOLDER_RE, deidentify_text, shifted_marker
 from indexer.phi import PhiPolicy
 
 EVAL_KEY = b"medrag-deid-eval"  # a fixed key: the figures do not depend on MEDRAG_PHI_KEY
-ROWS = ("name (cued)", "name (no cue)", "mrn", "accession", "ssn", "phone", "email", "url",
-        "address", "date", "id")
+ROWS = ("name (cued)", "name (Dr. First Last)", "name (patient cue)", "name (no cue)", "institution",
+        "mrn", "accession", "ssn", "phone", "email", "url", "address", "date", "id")
 
 FIRST = """Hope Grant Rose Faith Grace Joy Will Mark June April May Summer Dawn Art Bill Sandy Rusty
 Guy Frank Sue Olivia Liam Noah Emma Ava Mateo Sofia Aaliyah Priya Aisha Dmitri Siobhan José Zoë Bjørn
 Kwame Mei Hiroshi Fatima Oluwaseun Ingrid Rahul Lucía Nadia Tomasz Chiamaka Elif Anders Marisol Yusuf
-Beatriz Ciaran Leilani Ravi Astrid Desmond Imani Thandiwe Per""".split()
+Beatriz Ciaran Leilani Ravi Astrid Desmond Imani Thandiwe Per Gregory Jane Harold Lisa""".split()
 LAST = """Young Bell Rose Hope Page Ward King Wood Marsh Black Gray Hall Park Moss Frost Stone Banks
 O'Brien O'Connor McAllister MacDonald DeLuca Nguyen Garcia Kowalski Okafor Patel Schmidt Rossi Haddad
 Kim Lee Chen Ivanova Lindqvist Mbeki Fernández Abernathy Whitlock Castellano Oyelaran Sandoval Brennan
 Dubois Yamamoto Hakimi Novak Petrov Quintero Ferreira Adeyemi Thorsen Villanueva Kaczmarek Delacroix
-Achebe Montgomery Szabo Halloran""".split()
+Achebe Montgomery Szabo Halloran Cross Hart Doe Chase Cuddy""".split()
+# surnames that are role or service words ("Dr. Gregory House"): the rows that test them
+ROLE_SURNAMES = ("House", "Nurse", "Fellows", "Surgeon", "Service", "Page", "Ward", "Marsh")
 STREETS = """Maple Cedar Willow Lincoln Washington Sunset Hillcrest Lakeview Ridgewood Magnolia Orchard
 Juniper Chestnut Birch Sycamore Harbor Meadow Prospect Highland Valley""".split()
 STREET_SUFFIXES = ("Street", "St.", "Avenue", "Ave", "Road", "Rd.", "Lane", "Drive", "Court",
@@ -58,6 +60,9 @@ CITIES = ("Springfield", "Riverside", "Fairview", "Madison", "Georgetown", "Clin
           "Newport", "Lebanon", "Winston-Salem", "Cedar Rapids", "Mount Vernon", "Lake Charles")
 STATES = "AL AZ CA CO FL GA IL IN KS KY MA MD MI MN MO NC NJ NY OH OR PA TX VA WA WI".split()
 DOMAINS = ("example.org", "mail.example.com", "clinic.example.net")
+INSTITUTION_KINDS = ("General Hospital", "Medical Center", "Clinic", "Memorial Hospital", "Community Hospital",
+                     "Regional Medical Center", "Children's Hospital", "Imaging Center", "Hospital",
+                     "Health Center", "Cancer Center", "Medical Centre")
 
 # where a template goes: "header" (report start), "inline" (a sentence boundary), "end"
 TEMPLATES: tuple[tuple[str, str], ...] = (
@@ -81,9 +86,22 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ("inline", "Notified {name} at {phone}."),
     ("end", "Electronically signed by {name}, MD on {date}."), ("end", "Dictated by: {name}."),
     ("end", "Read by {rname}."), ("end", "{name}, MD"),
+    # added with issue 23: "Dr. First Last" (surnames that are role words too), lower-case
+    # patient cues, institutions
+    ("end", "Dictated by Dr. {drname}."), ("end", "Signed by Dr. {drname} on {date}."),
+    ("inline", "Findings discussed with Dr. {drname} at the bedside."),
+    ("inline", "Dr. {drname} reviewed the images."),
+    ("header", "Report for patient {ptname}."), ("header", "Exam of patient {ptname}, age 64."),
+    ("inline", "The patient, {ptname}, was positioned upright."),
+    ("inline", "Discussed with patient {ptname} and family."), ("header", "pt {ptname} seen in clinic."),
+    ("inline", "Transferred from {inst}."), ("inline", "Prior study from {inst} reviewed."),
+    ("header", "{INST} DEPARTMENT OF RADIOLOGY."), ("inline", "Outside films from {inst} dated {date} compared."),
+    ("inline", "Follow-up at {inst} is advised."),
 )
 NO_CUE_TEMPLATES = ("{nocue} tolerated the procedure well.", "Images reviewed together with {nocue}.")
 SLOT_ROW = {"name": "name (cued)", "rname": "name (cued)", "NAME": "name (cued)", "last": "name (cued)",
+            "drname": "name (Dr. First Last)", "ptname": "name (patient cue)", "inst": "institution",
+            "INST": "institution",
             "nocue": "name (no cue)", "mrn": "mrn", "acc": "accession", "ssn": "ssn", "phone": "phone",
             "email": "email", "url": "url", "addr": "address", "date": "date", "id": "id"}
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -110,6 +128,23 @@ def _full_name(rng: random.Random) -> str:
     if r < 0.25:
         return f"{first} {last}-{rng.choice(LAST)}"
     return f"{first} {last}"
+
+
+def _dr_name(rng: random.Random) -> str:
+    """First Last, the surname one time in three a role or service word ("Gregory House")."""
+    last = rng.choice(ROLE_SURNAMES) if rng.random() < 1 / 3 else rng.choice(LAST)
+    return f"{rng.choice(FIRST)} {last}"
+
+
+def _institution(rng: random.Random) -> str:
+    place = rng.choice((rng.choice(CITIES), rng.choice(LAST), f"St. {rng.choice(FIRST)}'s",
+                        f"{rng.choice(CITIES)} {rng.choice(('Valley', 'County', 'Lakes', 'Heights'))}"))
+    r = rng.random()
+    if r < 0.15:
+        return f"University of {rng.choice(CITIES)} Medical Center"
+    if r < 0.25:
+        return f"Hospital of {rng.choice(CITIES)}"
+    return f"{place} {rng.choice(INSTITUTION_KINDS)}"
 
 
 def _phone(rng: random.Random) -> str:
@@ -139,6 +174,8 @@ GENERATORS: dict[str, Callable[[random.Random], str]] = {
     "name": _full_name, "nocue": lambda r: f"{r.choice(FIRST)} {r.choice(LAST)}",
     "rname": lambda r: f"{r.choice(LAST)}, {r.choice(FIRST)}",
     "NAME": lambda r: f"{r.choice(FIRST)} {r.choice(LAST)}".upper(), "last": lambda r: r.choice(LAST),
+    "drname": _dr_name, "ptname": lambda r: f"{r.choice(FIRST)} {r.choice(LAST)}",
+    "inst": _institution, "INST": lambda r: _institution(r).upper(),
     "mrn": lambda r: r.choice((_digits(r, 7), _digits(r, 8), "0" + _digits(r, 7), "M" + _digits(r, 7))),
     "acc": lambda r: r.choice((_digits(r, 10), f"RAD-{r.randint(2005, 2024)}-{_digits(r, 6)}",
                                "E" + _digits(r, 8))),
@@ -152,7 +189,8 @@ GENERATORS: dict[str, Callable[[random.Random], str]] = {
 
 
 # parts of every URL / e-mail address: neither distinctive nor PHI on their own
-_GENERIC_TOKENS = frozenset({"https", "http", "www", "com", "org", "net", "example", "mail"})
+# (and "of", "the", "s" of "University of ...", "St. Mary's": report words, not the institution's name)
+_GENERIC_TOKENS = frozenset({"https", "http", "www", "com", "org", "net", "example", "mail", "of", "the", "s"})
 
 
 def _tokens(text: str) -> set[str]:
@@ -181,11 +219,12 @@ def _fill(template: str, rng: random.Random, used: set[str]) -> tuple[str, list[
 
 
 def plant(report: str, rng: random.Random) -> tuple[str, list[Planted]]:
-    """``report`` with 1-2 header lines, 2 inline sentences, a signature and, one time in three,
+    """``report`` with 1-2 header lines, 2-3 inline sentences, a signature and, one time in three,
     a sentence whose name has no cue."""
     by_place = {p: [t for q, t in TEMPLATES if q == p] for p in ("header", "inline", "end")}
     heads = rng.sample(by_place["header"], rng.randint(1, 2))
-    inline = rng.sample(by_place["inline"], 2) + ([rng.choice(NO_CUE_TEMPLATES)] if rng.random() < 1 / 3 else [])
+    inline = rng.sample(by_place["inline"], rng.randint(2, 3)) + (
+        [rng.choice(NO_CUE_TEMPLATES)] if rng.random() < 1 / 3 else [])
     tail = rng.choice(by_place["end"])
     used = _tokens(report) | _tokens(_SLOT.sub(" ", " ".join(heads + inline + [tail])))
     sentences = re.split(r"(?<=\.)\s+", report.strip())
@@ -230,7 +269,7 @@ def _false_positives(reports: list[dict[str, Any]], policy: PhiPolicy) -> dict[s
             "top": [{"kind": k, "text": t, "count": c} for (k, t), c in changes.most_common(10)]}
 
 
-def run_deid_eval(annotation_path: str | Path, n: int = 500, seed: int = 0,
+def run_deid_eval(annotation_path: str | Path, n: int = 1000, seed: int = 0,
                   policy: PhiPolicy | None = None) -> dict[str, Any]:
     """Plant PHI into ``n`` IU reports (seeded), de-identify, score recall per kind; count the
     pass's changes to the same reports unplanted (false positives) and second-pass changes."""

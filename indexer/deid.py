@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 from indexer.phi import PhiPolicy
 
-KINDS = ("name", "mrn", "accession", "phone", "email", "address", "ssn", "date", "url", "id")
+KINDS = ("name", "institution", "mrn", "accession", "phone", "email", "address", "ssn", "date", "url", "id")
 # a placeholder this pass writes; never matched again (idempotence)
 PLACEHOLDER_RE = re.compile(
-    r"\[(?:NAME|MRN|ACCESSION|PHONE|EMAIL|ADDRESS|SSN|URL|ID|DATE(?: \d{4}-\d{2}-\d{2})?)\]")
+    r"\[(?:NAME|INSTITUTION|MRN|ACCESSION|PHONE|EMAIL|ADDRESS|SSN|URL|ID|DATE(?: \d{4}-\d{2}-\d{2})?)\]")
 # when two detectors claim the same span, the more specific kind names it
 _RANK = {k: i for i, k in enumerate(("ssn", "mrn", "accession", "email", "url", "phone", "date",
-                                     "address", "name", "id"))}
+                                     "address", "institution", "name", "id"))}
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,25 @@ _TITLES = r"Dr|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Doctor|Nurse|Sister|Rev"
 _TITLE = re.compile(rf"(?:(?P<cs>{_TITLES})\.?|(?P<caps>DR|MR|MRS|MS|PROF)\.)\s{{1,3}}")
 _TITLE_CUE = re.compile(rf"(?<![\w.])(?:(?:{_TITLES})\.?|(?:DR|MR|MRS|MS|PROF)\.)(?=\s)")
 # words that follow a cue but are not names: roles, services, report words, credentials
-_STOP = frozenset("""
+_HARD_STOP = frozenset("""
 a an the this that these those his her their our my your its he she they we it who whom which
 and or of for with to at on in by via from per as is was were be been has had have not no yes
 today tonight yesterday tomorrow morning evening night am pm noon midnight
 monday tuesday wednesday thursday friday saturday sunday
 patient patients pt family husband wife son daughter mother father parent caregiver guardian
+result results finding findings impression comparison technique history indication indications
+exam examination report reports conclusion procedure addendum note notes study studies chest
+view views frontal lateral pa ap ct cta mri mr xr us pet nm cr dx bone abdomen pelvis head neck
+spine brain portable upright supine final preliminary wet read signed electronically dictated
+unknown none male female man woman boy girl infant child adult
+md m.d do d.o rn np pa-c phd mbbs frcr frcpc facr dnp crna jr sr ii iii iv
+mrn dob ssn acc id age sex
+denies denied reports reported states stated presents presented complains complained underwent
+returns returned arrived admits admitted describes described tolerated remains appears
+""".split())
+# roles and services: not a name after a cue ("discussed with the house officer"), but a surname
+# after a first name ("Dr. Gregory House") unless a role word follows ("Dr. Smith Emergency Department")
+_SOFT_STOP = frozenset("""
 physician physicians doctor doctors nurse nurses nursing resident residents fellow fellows
 attending attendings radiologist radiologists radiology surgeon surgeons surgery surgical
 clinician clinicians provider providers team teams service services staff technologist tech
@@ -123,14 +136,9 @@ emergency department dept er ed icu ccu nicu picu micu sicu or pacu floor unit c
 hospital medicine cardiology oncology pulmonology pulmonary orthopedics orthopaedics neurology
 neurosurgery pediatrics urology trauma stroke code rapid response charge on-call call oncall
 telephone phone pager voicemail verbal verbally telephonically person critical urgent
-result results finding findings impression comparison technique history indication indications
-exam examination report reports conclusion procedure addendum note notes study studies chest
-view views frontal lateral pa ap ct cta mri mr xr us pet nm cr dx bone abdomen pelvis head neck
-spine brain portable upright supine final preliminary wet read signed electronically dictated
-unknown none male female man woman boy girl infant child adult
-md m.d do d.o rn np pa-c phd mbbs frcr frcpc facr dnp crna jr sr ii iii iv
-mrn dob ssn acc id age sex
+general memorial medical center centre institute imaging
 """.split())
+_STOP = _HARD_STOP | _SOFT_STOP
 _SIGNATURE_CUE = (r"dictated|transcribed|(?:electronically\s{1,3})?signed|read|reviewed|interpreted"
                   r"|verified|approved|authenticated|attested|finalized|prepared")
 _PHRASE_CUE = re.compile(
@@ -166,6 +174,33 @@ def _is_name_token(m: re.Match[str], allow_caps: bool) -> bool:
     return True
 
 
+def _next_token(text: str, m: re.Match[str]) -> re.Match[str] | None:
+    nxt = _TOKEN.match(text, _skip_ws(text, m.end()))
+    return nxt if nxt and nxt.start() > m.end() else None
+
+
+def _is_surname_after_first(text: str, m: re.Match[str], allow_caps: bool) -> bool:
+    """A role word after a first name or a title is a surname ("Dr. Gregory House", "Dr. House"),
+    unless another role word follows it ("Dr. Smith Emergency Department")."""
+    if not (m.lastgroup == "word" or (allow_caps and m.lastgroup == "caps")) or m.group().lower() not in _SOFT_STOP:
+        return False
+    nxt = _next_token(text, m)
+    return not (nxt and nxt.group().lower() in _STOP)
+
+
+_DETERMINERS = frozenset("a an the this that these those his her their our my your its".split())
+
+
+def _is_given_name_word(text: str, m: re.Match[str]) -> bool:
+    """A capitalised function word right after a cue, before a name, is a given name ("discussed
+    with Per Bell"): mid-sentence, "per" is written in lower case."""
+    tok = m.group()
+    if m.lastgroup != "word" or tok.lower() not in _HARD_STOP or tok.lower() in _DETERMINERS:
+        return False
+    nxt = _next_token(text, m)
+    return bool(nxt and nxt.lastgroup == "word" and _is_name_token(nxt, False))
+
+
 def _scan_name(text: str, pos: int, allow_caps: bool) -> tuple[int, int] | None:
     """The 1-3 name tokens at ``pos`` (after an optional title), as a span; None if none."""
     t = _TITLE.match(text, pos)
@@ -174,7 +209,9 @@ def _scan_name(text: str, pos: int, allow_caps: bool) -> tuple[int, int] | None:
     start = end = -1
     for count in range(3):
         m = _TOKEN.match(text, pos)
-        if not m or not _is_name_token(m, allow_caps):
+        if not m or not (_is_name_token(m, allow_caps)
+                         or ((count or t) and _is_surname_after_first(text, m, allow_caps))
+                         or (not count and _is_given_name_word(text, m))):
             break
         start, end = (m.start() if start < 0 else start), m.end()
         sep = _SEP.match(text, end)
@@ -213,7 +250,24 @@ def _label_allowed(text: str, m: re.Match[str]) -> bool:
     return not before or not before[-1].isalpha() or before[-1].lower() in _NAME_LABEL_OK_BEFORE
 
 
+# a patient named without a colon: "Report for patient Jane Doe", "the patient, John Smith,";
+# a capitalised "Patient" (a heading: "Patient Positioning") counts only before two name tokens
+_PATIENT_CUE = re.compile(
+    r"(?<![\w-])(?:(?P<lower>patient|pt\.?)|(?P<cap>Patient|PATIENT|Pt\.?))"
+    r"(?:(?:'s)?\s{1,3}(?:named|name\s{1,3}is|is\s{1,3}named)|,)?\s{1,3}"
+    r"|(?<![\w-])(?P<named>named|name\s{1,3}is|(?:his|her|their)\s{1,3}name\s{1,3}is)\s{1,3}")
+
+
+def _patient_names(text: str) -> Iterator[_Candidate]:
+    for m in _PATIENT_CUE.finditer(text):
+        for s, e in _names_from(text, m.end(), allow_caps=False):
+            if m.group("cap") and len(_TOKEN.findall(text, s, e)) < 2:
+                break
+            yield _Candidate(s, e, "name", "[NAME]")
+
+
 def _names(text: str, ctx: _Context) -> Iterator[_Candidate]:
+    yield from _patient_names(text)
     for m in _LABEL_CUE.finditer(text):
         if _label_allowed(text, m):
             for s, e in _names_from(text, _skip_ws(text, m.end()), allow_caps=True):
@@ -239,6 +293,43 @@ def _trailing_names(text: str, start: int, end: int) -> tuple[int, int] | None:
             break
         keep.append(m)
     return (keep[-1].start(), keep[0].end()) if keep else None
+
+
+# ---- institutions: "Springfield General Hospital", "St. Mary's Medical Center", "Mayo Clinic" ----
+_INST_KINDS = (r"Hospital|Clinic|Infirmary|Hospice|Sanatorium|Polyclinic|Medical\s{1,3}Cent(?:er|re)"
+               r"|Health\s{1,3}(?:Cent(?:er|re)|System|Sciences\s{1,3}Cent(?:er|re))"
+               r"|(?:Imaging|Cancer|Surgery|Surgical|Rehabilitation|Trauma|Heart|Diagnostic)\s{1,3}Cent(?:er|re)"
+               r"|Cancer\s{1,3}Institute|Nursing\s{1,3}Home|Medical\s{1,3}Group|Radiology\s{1,3}Associates")
+_INST_WORD = rf"(?:(?:St|Mt|Ft)\.|[{_UP}][\w'’&.-]{{0,30}})"
+_INST_JOIN = r"(?:\s{1,3}(?:of|the|and|&|for|at|de|del|la)){0,2}\s{1,3}"
+_INSTITUTION = re.compile(
+    rf"(?<![\w'’.-])(?P<pre>{_INST_WORD}(?:{_INST_JOIN}{_INST_WORD}){{0,5}})\s{{1,3}}"
+    rf"(?P<kind>(?i:{_INST_KINDS}))(?![\w])"
+    rf"(?P<post>\s{{1,3}}of(?:\s{{1,3}}the)?\s{{1,3}}{_INST_WORD}(?:{_INST_JOIN}{_INST_WORD}){{0,3}})?"
+    rf"|(?<![\w'’.-])(?P<lead>Hospital|Clinic|Infirmary|HOSPITAL|CLINIC)\s{{1,3}}of(?:\s{{1,3}}the)?\s{{1,3}}"
+    rf"{_INST_WORD}(?:{_INST_JOIN}{_INST_WORD}){{0,3}}")
+# words before the kind that do not name the place ("seen at Outside Hospital", "Comparison: ...")
+_INST_LEAD_SKIP = _HARD_STOP | frozenset("""outside prior referring receiving transferring local our this
+that at from to seen transferred admitted discharged imaged performed obtained done comparison""".split())
+_INST_GENERIC = frozenset("""general memorial community regional university county state medical
+children's childrens saint st. mount mt. veterans affairs va city district national teaching main
+academic private public rural""".split())
+
+
+def _institutions(text: str, ctx: _Context) -> Iterator[_Candidate]:
+    for m in _INSTITUTION.finditer(text):
+        if m.group("lead"):
+            yield _Candidate(m.start(), m.end(), "institution", "[INSTITUTION]")
+            continue
+        words = list(re.finditer(r"\S+", m.group("pre")))
+        while words and words[0].group().lower().rstrip(",:;") in _INST_LEAD_SKIP:
+            words.pop(0)
+        distinctive = [w for w in words if w.group().lower() not in _INST_GENERIC
+                       and w.group().lower() not in _INST_LEAD_SKIP]
+        if not distinctive and not m.group("post"):
+            continue  # "General Hospital", "Outside Hospital": no place named
+        start = m.start("pre") + words[0].start() if words else m.start("kind")
+        yield _Candidate(start, m.end(), "institution", "[INSTITUTION]")
 
 
 # ---- numbers with labels: MRN, accession, SSN, other ids ------------------------------------------
@@ -305,7 +396,9 @@ def _urls(text: str, ctx: _Context) -> Iterator[_Candidate]:
 # ---- addresses --------------------------------------------------------------------------------
 _SUFFIX = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl"
            r"|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Highway|Hwy|Square|Sq|Trail|Trl|Row|Alley|Plaza"
-           r"|Crescent|Close|Loop|Path|Pike|Ridge|Heights|Hts|Broadway)\.?")
+           r"|Crescent|Close|Loop|Path|Pike|Ridge|Heights|Hts|Broadway|Crossing|Xing|Walk|Run|Bend|Pass|Commons"
+           r"|Glen|Grove|Hollow|Landing|Meadows|Gardens|Knoll|Creek|Expressway|Expy|Freeway|Fwy|Turnpike"
+           r"|Tpke)\.?")
 _STREET_WORD = rf"(?:{_WORD}|\d{{1,3}}(?:st|nd|rd|th)|[NSEW]\.?)"
 _ADDRESS = re.compile(
     rf"(?<![\w.])(?P<core>\d{{1,6}}(?:-?[A-Z])?\s{{1,3}}(?:{_STREET_WORD}\s{{1,3}}){{0,3}}{_SUFFIX}(?![\w])"
@@ -401,7 +494,7 @@ def _dates(text: str, ctx: _Context) -> Iterator[_Candidate]:
 _DETECTORS: tuple[Callable[[str, _Context], Iterator[_Candidate]], ...] = (
     _labelled(_SSN_LABEL, "ssn"), _plain(_SSN, "ssn"), _labelled(_MRN, "mrn"),
     _labelled(_ACCESSION, "accession"), _plain(_EMAIL, "email"), _urls,
-    _plain(_PHONE, "phone"), _labelled(_PHONE_LABEL, "phone"), _dates, _addresses, _names,
+    _plain(_PHONE, "phone"), _labelled(_PHONE_LABEL, "phone"), _dates, _addresses, _institutions, _names,
     _labelled(_OTHER_ID, "id"), _plain(_LONG_ID, "id"), _plain(_UID, "id"),
 )
 

@@ -44,6 +44,17 @@ CASES = [
     ("ssn", "Social security number 987654321 recorded.", ["987654321"]),
     ("url", "Images at https://pacs.example.org/viewer?study=12. Lungs clear.", ["pacs", "viewer"]),
     ("id", "Encounter #: ENC20210314 recorded. UID 1.2.840.113619.2.55.3.604688119.", ["ENC20210314", "113619"]),
+    # issue 23: "Dr. First Last" whose surname is a role word, lower-case cues, institutions
+    ("name", "Dictated by Dr. Gregory House", ["Gregory", "House"]),
+    ("name", "Seen by Dr. House and Dr. Ward.", ["House", "Ward"]),
+    ("name", "Report for patient Jane Doe.", ["Jane", "Doe"]),
+    ("name", "The patient, John Smith, was positioned upright.", ["John", "Smith"]),
+    ("name", "Discussed with Per Bell by phone.", ["Per", "Bell"]),
+    ("institution", "Transferred from Springfield General Hospital today.", ["Springfield", "General", "Hospital"]),
+    ("institution", "Prior CT at St. Mary's Medical Center was reviewed.", ["Mary's", "Medical", "Center"]),
+    ("institution", "Follow-up at the Mayo Clinic.", ["Mayo", "Clinic"]),
+    ("institution", "SPRINGFIELD GENERAL HOSPITAL DEPARTMENT OF RADIOLOGY", ["SPRINGFIELD", "HOSPITAL"]),
+    ("institution", "Outside films from the Hospital of the University of Pennsylvania.", ["Pennsylvania"]),
 ]
 
 
@@ -123,6 +134,18 @@ def test_medical_text_is_untouched():
     assert r.text == MEDICAL, [MEDICAL[x.start:x.end] for x in r.redactions]
 
 
+@pytest.mark.parametrize("text", [
+    "Discussed with the house officer at the bedside.", "Discussed with Dr. Smith Emergency Department.",
+    "Comparison: outside hospital CT.", "Seen at Outside Hospital.", "The patient Denies pain.",
+    "Patient Positioning was adequate.", "General Hospital protocol.", "Called the Emergency Department."])
+def test_role_words_institution_kinds_and_headings_alone_stay(text):
+    """The new rules need a name or a place: role words, a bare "General Hospital", a heading
+    after a capitalised "Patient" and a verb after "patient" are not PHI."""
+    out = deidentify_text(text, PATIENT, POLICY).text
+    keep = {"Discussed with Dr. Smith Emergency Department.": "Emergency Department"}.get(text, text)
+    assert keep in out, out
+
+
 def test_idempotent_and_placeholders_stay():
     text = ("Patient: Hope Grant, MRN 0012345, DOB 4/5/61. Discussed with Dr. Bell at 555-123-4567 "
             "on 2021-03-14. Lives at 12 Oak Street, Salem, OR 97301. Mail: hg@example.com. [NAME] "
@@ -179,9 +202,11 @@ def test_original_iu_texts_unchanged_by_rules():
     assert changed == []
 
 
-@pytest.mark.parametrize("row,floor", [("name (cued)", 0.95), ("mrn", 0.95), ("phone", 0.95), ("date", 0.95),
+@pytest.mark.parametrize("row,floor", [("name (cued)", 0.95), ("name (Dr. First Last)", 0.95),
+                                       ("name (patient cue)", 0.95), ("institution", 0.95),
+                                       ("mrn", 0.95), ("phone", 0.95), ("date", 0.95),
                                        ("accession", 0.95), ("ssn", 0.95), ("email", 0.95), ("url", 0.95),
-                                       ("id", 0.95), ("address", 0.8)])
+                                       ("id", 0.95), ("address", 0.95)])
 def test_recall_on_planted_phi(iu_eval, row, floor):
     r = iu_eval["recall"][row]
     assert r["planted"] >= 10

@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     eid = ev.add_parser("deid", help="report-text de-identification: recall on planted PHI, false positives "
                                      "on the original IU X-ray texts")
     eid.add_argument("annotation", help="IU X-ray annotation.json")
-    eid.add_argument("--n", type=int, default=500, help="reports to plant PHI into")
+    eid.add_argument("--n", type=int, default=1000, help="reports to plant PHI into")
     eid.add_argument("--seed", type=int, default=0)
     eid.add_argument("--out", help="folder for result.json")
     eid.set_defaults(func=_cmd_eval_deid)
