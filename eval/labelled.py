@@ -255,6 +255,7 @@ def score_directory(folder: str | Path, checkpoint: str | Path | None, out_dir: 
         extra["attention_in_boxes"] = attention_in_boxes(
             [s for s in studies if s.image_meta], [im for s, im in zip(studies, images, strict=True) if s.image_meta],
             enc)
+        extra["attention_regions"] = _attention_regions(folder, manifest, studies, images, enc, cfg)
     result = {"folder": str(folder), "checkpoint": str(checkpoint) if checkpoint else None, "studies": len(studies),
               "k": cfg.k, "skipped": res.skipped + problems, "warnings": res.warnings,
               **summarise(per, has, cfg, "trained" if checkpoint else None), **extra,
@@ -323,6 +324,24 @@ def _prepare(folder: str | Path, out: Path, cfg: CxrEvalConfig
     manifest, res = load_directory(folder, out)
     studies, images, problems = load_images(manifest, res.studies, cfg.image_side)
     return manifest, res, studies, images, problems, _findings_present(cfg, studies)
+
+
+REGION_ANATOMIES = ("<global>", "lung", "left lung", "right lung", "heart", "pleura")
+
+
+def _attention_regions(folder: str | Path, manifest: Path, studies: Sequence[Study], images: list[np.ndarray],
+                       enc: Any, cfg: CxrEvalConfig) -> dict[str, Any]:
+    """Where each anatomy's query looks, on the folder's lung masks (eval/attention_regions.py);
+    a folder without masks, or bad masks, are named in ``problems`` and the run goes on."""
+    from eval.attention_regions import attention_regions, load_masks
+
+    keep, masks, problems = load_masks(folder, studies, images, manifest)
+    if not keep:
+        return {"images": 0, "anatomies": {}, "problems": problems}
+    vocab = [a for a in REGION_ANATOMIES if a == "<global>" or a in enc.cfg.anatomies]
+    out = attention_regions([images[i] for i in keep], masks, enc, vocab, cfg.bootstrap, cfg.seed)
+    out["problems"] = problems
+    return out
 
 
 def _native(checkpoint: str | Path, device: str) -> Any:
@@ -437,4 +456,8 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("conditions"):
         lines += ["", "conditioned search (per condition; eval/conditioning.py):",
                   format_conditions(result["conditions"], k)]
+    if result.get("attention_regions"):
+        from eval.attention_regions import format_regions
+
+        lines += ["", format_regions(result["attention_regions"])]
     return "\n".join(lines)

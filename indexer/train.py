@@ -93,6 +93,9 @@ class TrainConfig:
     probe_weight: float = 10.0  # weight of the probe's probabilities in the retrieval vector
     probe_sizes: tuple[int, ...] = ()  # the probe also reads pooled features at these input sides
     spatial_prior: float = 0.0  # > 0: frontal-radiograph atlas bias on anatomy attention (retrieval/encoders/atlas.py)
+    region_prior: float = 0.0  # > 0 (with region_masks): the region head's bias (retrieval/encoders/regions.py)
+    region_masks: str | None = None  # a folder with images and lung_masks/ to fit the region head on
+    region_exclude: tuple[str, ...] = ()  # patient ids of that folder left out of the fit (held-out checks)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch default)
@@ -112,7 +115,8 @@ PRESETS = {
                            embed_dim=128, token_dim=256, epochs=30, batch_size=64, lr=1e-3, tower_lr_scale=0.1,
                            augment=False, aug_views=2, w_label=1.0, w_align=0.0, threads=2,
                            anatomies=("lung", "left lung", "right lung", "heart", "pleura"), val_fraction=0.1,
-                           probe_c=3e-4, probe_weight=10.0, probe_sizes=(448,), spatial_prior=3.0),
+                           probe_c=3e-4, probe_weight=10.0, probe_sizes=(448,), spatial_prior=3.0,
+                           region_prior=3.0),
     # images with free-text notes: the same, plus image<->note alignment through the MiniLM text tower
     "cxr-notes-cpu": TrainConfig(tower="efficientnet-lite0", tower_source="pypi", tune="none", image_size=224,
                                  embed_dim=128, token_dim=256, epochs=30, batch_size=64, lr=1e-3,
@@ -280,9 +284,11 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
                         probe_labels=(*data.label_keys, NORMAL) if cfg.probe_c > 0 else (),
                         probe_weight=cfg.probe_weight if cfg.probe_c > 0 else 0.0,
                         probe_sizes=tuple(cfg.probe_sizes) if cfg.probe_c > 0 else (),
-                        spatial_prior=cfg.spatial_prior)
+                        spatial_prior=cfg.spatial_prior,
+                        region_prior=cfg.region_prior if cfg.region_masks else 0.0)
     torch.manual_seed(cfg.seed)
     model = build_model(ncfg).to(cfg.device)
+    region_fit = _fit_regions(model, ncfg, cfg, out) if ncfg.region_prior > 0 else None
     tuned = tower_stage_modules(model, ncfg)
     tuned_ids = {id(p) for m in tuned for p in m.parameters()}
     for p in model.tower.parameters():
@@ -342,23 +348,23 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             study_idx = data.owner[idx]
             if cached_tokens is not None:
-                tok = model.to_tokens(cached_tokens[idx].to(cfg.device)) + model.pos
+                raw = cached_tokens[idx].to(cfg.device)
             elif prefix is not None:
                 views = torch.from_numpy(rng.integers(0, prefix.shape[0], len(idx)))
                 h = prefix[views, torch.from_numpy(idx)].float().to(cfg.device)
-                feat = model.tower.run_stages(h, split, model.tower.n_stages)
-                tok = model.to_tokens(feat.flatten(2).transpose(1, 2)) + model.pos
+                raw = model.tower.run_stages(h, split, model.tower.n_stages).flatten(2).transpose(1, 2)
             else:
                 x = torch.from_numpy(data.images[idx].astype(np.float32) / 255.0).unsqueeze(1)
                 if cfg.augment:
                     x = augment(x, gen)
-                tok = model.tokens(x.to(cfg.device))
+                raw = model.tower(x.to(cfg.device))
+            tok = model.to_tokens(raw) + model.pos
             sampled = list(rng.choice(len(anatomies), min(cfg.settings_per_step - 1, len(anatomies)), replace=False))
             loss = torch.zeros((), device=cfg.device)
             parts = np.zeros(4)
             for setting in [None] + [anatomies[i] for i in sampled]:
                 aidx = torch.full((len(idx),), setting_index[setting], dtype=torch.long, device=cfg.device)
-                z = _embed_tokens(model, tok, aidx)
+                z = _embed_tokens(model, tok, aidx, raw)
                 t = text_ok = None
                 if data.text is not None:
                     t = torch.nn.functional.normalize(
@@ -407,6 +413,8 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
                                          "labels" if any(s.labels is not None for s in data.studies) else "reports"}}
     if data.text is not None:
         extra["text_tower"] = "minilm"
+    if region_fit is not None:
+        extra["region_head"] = region_fit
     enc.save(out / "checkpoint", extra=extra, dtype=cfg.checkpoint_dtype)
     if data.text is not None:
         from safetensors.torch import save_file
@@ -505,10 +513,53 @@ def _prefix_views(model: Any, images: np.ndarray, split: int, cfg: TrainConfig, 
     return torch.stack(out)
 
 
-def _embed_tokens(model: Any, tok: Any, aidx: Any) -> Any:
+def _fit_regions(model: Any, ncfg: NativeConfig, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """Fit the model's region head on ``cfg.region_masks`` (images + lung_masks/, the shared
+    layout): the tower's raw tokens of each masked image against the share of each patch in each
+    region (retrieval/imaging/lung_regions.py). Only a frozen tower: a tuned one would move under it."""
+    from PIL import Image
+
+    from indexer.sources.labelled import from_labels_csv, from_notes_csv
+    from retrieval.encoders.regions import REGION_HEAD_REGIONS, fit_region_head
+    from retrieval.imaging.lung_regions import MaskError, cell_fractions, lung_regions
+
+    if not TOWERS[cfg.tower].pretrained or ncfg.tower_trainable != "none":
+        raise ValueError("region_prior needs a frozen pretrained tower (tune='none'): the region head reads its tokens")
+    folder = Path(str(cfg.region_masks))
+    src = folder / "metadata.csv" if (folder / "metadata.csv").is_file() else folder / "labels.csv"
+    res = (from_notes_csv if src.name == "metadata.csv" else from_labels_csv)(folder, out / "region_manifest.jsonl")
+    g = int(round(int(model.pos.shape[1]) ** 0.5))
+    imgs, targets, problems = [], [], []
+    for s in res.studies:
+        if not s.images or (s.patient_id or s.study_id) in set(cfg.region_exclude):
+            continue
+        mpath = folder / "lung_masks" / (Path(s.images[0]).stem + ".png")
+        if not mpath.is_file():
+            continue
+        try:
+            arr = load_image(folder / s.images[0])
+            with Image.open(mpath) as im:
+                m = np.asarray(im.convert("L"))
+            if m.shape != arr.shape:
+                raise MaskError(f"mask is {m.shape[1]}x{m.shape[0]} px, its image {arr.shape[1]}x{arr.shape[0]}")
+            reg = lung_regions(m)
+        except (ImageLoadError, OSError, MaskError) as exc:
+            problems.append(f"{mpath}: {exc}")
+            continue
+        imgs.append((resize(arr, cfg.image_size) * 255).round().astype(np.uint8))
+        targets.append(np.stack([cell_fractions(reg[r], g).reshape(-1) for r in REGION_HEAD_REGIONS], -1))
+    if len(imgs) < 8:
+        raise ValueError(f"{folder}: only {len(imgs)} images with usable lung masks; need >= 8 ({problems[:3]})")
+    raw = _tower_tokens(model, np.stack(imgs), cfg)
+    fit = fit_region_head(model.region, raw, np.stack(targets), seed=cfg.seed)
+    return {"masks": str(folder), "images": len(imgs), "excluded_patients": len(cfg.region_exclude),
+            "problems": problems, **fit}
+
+
+def _embed_tokens(model: Any, tok: Any, aidx: Any, raw: Any = None) -> Any:
     import torch
 
-    h, _ = model.attend(tok, aidx)
+    h, _ = model.attend(tok, aidx, raw=raw)
     return torch.nn.functional.normalize(model.head(h), dim=-1)
 
 
@@ -527,13 +578,14 @@ def _validate(model: Any, data: _Data, val_studies: np.ndarray, anatomies: Seque
     ecfg = RankConfig(ks=(5,), ndcg_ks=(5,), rate_k=5)
     with torch.no_grad():
         if cached_tokens is not None:
-            tok = model.to_tokens(cached_tokens[imgs].to(cfg.device)) + model.pos
+            raw = cached_tokens[imgs].to(cfg.device)
         else:
-            tok = torch.cat([model.tokens(torch.from_numpy(data.images[imgs[i:i + 32]].astype(np.float32) / 255.0)
-                                          .unsqueeze(1).to(cfg.device)) for i in range(0, len(imgs), 32)])
+            raw = torch.cat([model.tower(torch.from_numpy(data.images[imgs[i:i + 32]].astype(np.float32) / 255.0)
+                                         .unsqueeze(1).to(cfg.device)) for i in range(0, len(imgs), 32)])
+        tok = model.to_tokens(raw) + model.pos
         for setting in (None, *anatomies):
             aidx = torch.full((len(imgs),), setting_index[setting], dtype=torch.long, device=cfg.device)
-            z = model.readout(_embed_tokens(model, tok, aidx)).cpu().numpy()  # what retrieval will use
+            z = model.readout(_embed_tokens(model, tok, aidx, raw)).cpu().numpy()  # what retrieval will use
             emb = np.zeros((len(val_studies), z.shape[1]), np.float32)
             np.add.at(emb, [pos[o] for o in data.owner[imgs]], z)
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     t.add_argument("--probe-weight", type=float, help="weight of the probe's probabilities in the embedding")
     t.add_argument("--spatial-prior", type=float,
                    help="strength of the frontal-radiograph atlas bias on anatomy attention (0: none)")
+    t.add_argument("--region-masks", help="folder with images and lung_masks/ (e.g. ../shared/data/covid_cxr_notes): "
+                                          "fit the region head that keeps each anatomy's attention in its region")
+    t.add_argument("--region-prior", type=float, help="strength of the region head's attention bias (0: none)")
     t.add_argument("--probe-sizes", help="comma-separated extra input sides the probe also reads (e.g. 448; '' for none)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -67,7 +70,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
                               "tower": a.tower, "tower_source": a.tower_source, "tune": a.tune,
                               "checkpoint_dtype": "float16" if a.half_checkpoint else None,
                               "label_readout": a.label_readout, "probe_c": a.probe_c,
-                              "probe_weight": a.probe_weight, "spatial_prior": a.spatial_prior}.items()
+                              "probe_weight": a.probe_weight, "spatial_prior": a.spatial_prior,
+                              "region_masks": a.region_masks, "region_prior": a.region_prior}.items()
             if v is not None}
     if a.probe_sizes is not None:
         over["probe_sizes"] = tuple(int(x) for x in a.probe_sizes.split(",") if x.strip())

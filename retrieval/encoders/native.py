@@ -26,6 +26,7 @@ from retrieval.encoders.atlas import atlas_bias
 from retrieval.encoders.base import EncoderError, l2_normalise
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import resize
+from retrieval.encoders.regions import BODY, region_bias, region_index, region_module
 from retrieval.encoders.towers import (
     TOWERS,
     create_tower,
@@ -59,6 +60,7 @@ class NativeConfig:
     probe_weight: float = 0.0  # > 0: embeddings carry the probe's label probabilities (see linear_probe)
     probe_sizes: tuple[int, ...] = ()  # more input sides whose pooled tower features the probe also reads
     spatial_prior: float = 0.0  # > 0: frontal-radiograph atlas bias on each anatomy's attention (atlas.py)
+    region_prior: float = 0.0  # > 0: image-adaptive bias from the region head (regions.py; fitted on lung masks)
 
     @property
     def dim(self) -> int:
@@ -131,18 +133,30 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
             g = int(round(n_tokens ** 0.5))
             if cfg.spatial_prior > 0 and g * g != n_tokens:
                 raise ValueError(f"spatial_prior needs a square patch grid; tower {cfg.tower} gives {n_tokens} tokens")
-            self.register_buffer("prior", torch.from_numpy(atlas_bias(cfg.anatomies, g, cfg.spatial_prior)),
-                                 persistent=False)
+            prior = atlas_bias(cfg.anatomies, g, cfg.spatial_prior)
+            # the region head (fitted on lung masks) replaces the fixed atlas where it knows the region
+            self.region = region_module(int(tower.out_dim), n_tokens) if cfg.region_prior > 0 else None
+            if self.region is not None:
+                prior[[i for i, a in enumerate(cfg.anatomies) if region_index(a) not in (None, BODY)]] = 0.0
+            self.register_buffer("prior", torch.from_numpy(prior), persistent=False)
+            self.register_buffer("region_of", torch.tensor([-1 if (r := region_index(a)) is None else r
+                                                             for a in cfg.anatomies]), persistent=False)
 
-        def attend(self, tok: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """The condition's query attends over the patch tokens (with the atlas bias, if any):
+        def attend(self, tok: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False,
+                   raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The condition's query attends over the patch tokens (with the atlas bias and the
+            region head's bias, if any; the region head reads the ``raw`` tower tokens):
             (B, token_dim) pooled and normalised, and the attention weights when asked."""
             q = self.queries(anatomy_idx).unsqueeze(1)
             mask = None
-            if cfg.spatial_prior > 0:
-                bias: torch.Tensor = self.prior[anatomy_idx].unsqueeze(1)  # type: ignore[index]
-                mask = bias.repeat_interleave(cfg.heads, dim=0).to(tok.dtype)  # (B * heads, 1, tokens)
+            if cfg.spatial_prior > 0 or self.region is not None:
+                bias: torch.Tensor = self.prior[anatomy_idx]  # type: ignore[index]
+                if self.region is not None:
+                    if raw is None:
+                        raise ValueError("this checkpoint's region prior reads the raw tower tokens: pass `raw`")
+                    bias = bias + region_bias(self.region, raw, self.region_of[anatomy_idx],  # type: ignore[index]
+                                              cfg.region_prior)
+                mask = bias.unsqueeze(1).repeat_interleave(cfg.heads, dim=0).to(tok.dtype)  # (B * heads, 1, tokens)
             out, attn = self.attn(q, tok, tok, attn_mask=mask, need_weights=weights, average_attn_weights=True)
             return self.norm(out.squeeze(1) + q.squeeze(1)), attn
 
@@ -161,13 +175,14 @@ def build_model(cfg: NativeConfig) -> Any:  # -> torch.nn.Module
 
         def pooled(self, x: torch.Tensor, anatomy_idx: torch.Tensor, weights: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return self.attend(self.tokens(x), anatomy_idx, weights)
+            raw = self.tower(x)
+            return self.attend(self.to_tokens(raw) + self.pos, anatomy_idx, weights, raw)
 
         def forward(self, x: torch.Tensor, anatomy_idx: torch.Tensor, more: torch.Tensor | None = None) -> torch.Tensor:
             """``more``: pooled tower features at ``probe_sizes`` (the encoder computes them from
             the original images; a probe that reads them cannot run without them)."""
             raw = self.tower(x)
-            h, _ = self.attend(self.to_tokens(raw) + self.pos, anatomy_idx)
+            h, _ = self.attend(self.to_tokens(raw) + self.pos, anatomy_idx, raw=raw)
             probe = None
             if self.probe is not None and cfg.probe_weight > 0:
                 if cfg.probe_sizes and more is None:
@@ -377,7 +392,7 @@ class NativeEncoder:
             features = self._pooled(images, raw)
             for a in anatomies:
                 idx = torch.full((len(images),), self.anatomy_index(a), dtype=torch.long, device=self.device)
-                h, _ = self.model.attend(tok, idx)
+                h, _ = self.model.attend(tok, idx, raw=raw)
                 z = self.model.head(h)
                 probe = None if features is None else self.model.probe_probs(features, idx)
                 z = self.model.readout(torch.nn.functional.normalize(z, dim=-1), probe)
@@ -436,14 +451,27 @@ class NativeEncoder:
 
         The evidence behind a conditioned embedding: a "left lung" query should look at the left
         lung (the patient's left is the image's right on a frontal view)."""
+        if not images:
+            return np.zeros((0, 1, 1), dtype=np.float32)
+        return self.attention_conditions(images, [anatomy])[anatomy]
+
+    def attention_conditions(self, images: Sequence[np.ndarray], anatomies: Sequence[str | None]
+                             ) -> dict[str | None, np.ndarray]:
+        """:meth:`attention_maps` for several conditions, the tower run once per image."""
         import torch
 
         if not images:
-            return np.zeros((0, 1, 1), dtype=np.float32)
-        idx = torch.full((len(images),), self.anatomy_index(anatomy), dtype=torch.long, device=self.device)
+            return {a: np.zeros((0, 1, 1), dtype=np.float32) for a in anatomies}
+        out: dict[str | None, np.ndarray] = {}
         with torch.inference_mode():
-            a = self.model.attention(self.preprocess(images).to(self.device), idx)
-        return np.asarray(a.float().cpu().numpy(), dtype=np.float32)
+            raw = self._tokens(images)
+            tok = self.model.to_tokens(raw) + self.model.pos
+            g = int(round(raw.shape[1] ** 0.5))
+            for a in anatomies:
+                idx = torch.full((len(images),), self.anatomy_index(a), dtype=torch.long, device=self.device)
+                _, att = self.model.attend(tok, idx, weights=True, raw=raw)
+                out[a] = np.asarray(att.squeeze(1).reshape(-1, g, g).float().cpu().numpy(), dtype=np.float32)
+        return out
 
     def describe(self) -> dict[str, object]:
         return {"family": FAMILY, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
