@@ -61,6 +61,7 @@ class CxrEvalConfig:
     bootstrap: int = 2000  # paired bootstrap resamples for the confidence intervals
     seed: int = 0
     image_side: int = 512  # images are decoded once at this size at most
+    settings_compared: int = 1  # training settings compared on these data before this table (printed with it)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class QueryScores:
     precision: dict[str, np.ndarray] = field(default_factory=dict)  # finding -> (n,) P@k, NaN w/o finding
     ap: dict[str, np.ndarray] = field(default_factory=dict)  # finding -> (n,) AP@k
     graded: np.ndarray | None = None  # (n,) mean severity agreement of the top k (eval/graded.py), NaN unscored
+    by_class: dict[str, np.ndarray] = field(default_factory=dict)  # class -> (n,) same-class P@k (eval/classes.py)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ def summarise(per_method: dict[str, QueryScores], has: dict[str, np.ndarray], cf
                                    for f, v in qs.precision.items()},
                    "map@k": _mean_or_nan([np.nanmean(v) for v in qs.ap.values() if np.isfinite(v).any()]),
                    "ap@k": {f: float(np.nanmean(v)) if np.isfinite(v).any() else None for f, v in qs.ap.items()}}
+        if qs.by_class:
+            rows[m]["class_precision@k"] = {c: float(np.nanmean(v)) for c, v in qs.by_class.items()}
         if qs.graded is not None and np.isfinite(qs.graded).any():
             rows[m]["graded@k"] = float(np.nanmean(qs.graded))
             rows[m]["graded_queries"] = int(np.isfinite(qs.graded).sum())
@@ -176,6 +180,8 @@ def summarise(per_method: dict[str, QueryScores], has: dict[str, np.ndarray], cf
                 d[f"precision@k:{f}"] = paired_bootstrap(ref.precision[f], qs.precision[f], cfg.bootstrap, cfg.seed)
             if ref.graded is not None and qs.graded is not None:
                 d["graded@k"] = paired_bootstrap(ref.graded, qs.graded, cfg.bootstrap, cfg.seed)
+            for c, v in ref.by_class.items():
+                d[f"class_precision@k:{c}"] = paired_bootstrap(v, qs.by_class[c], cfg.bootstrap, cfg.seed)
             diffs[f"{reference} - {m}"] = d
     return {"methods": rows, "base_rate": base_rates(has), "queries_with": {f: int(m.sum()) for f, m in has.items()},
             "paired_differences": diffs}
@@ -205,7 +211,8 @@ def _batched(fn: Callable[[list[np.ndarray]], np.ndarray], images: list[np.ndarr
 
 
 def score_methods(studies: Sequence[Study], images: list[np.ndarray], methods: dict[str, Embed | None],
-                  cfg: CxrEvalConfig) -> tuple[dict[str, QueryScores], dict[str, np.ndarray], np.ndarray]:
+                  cfg: CxrEvalConfig, classes: np.ndarray | None = None
+                  ) -> tuple[dict[str, QueryScores], dict[str, np.ndarray], np.ndarray]:
     sim = ReportMatrix.from_studies(studies).similarity(None)
     has = finding_sets(studies, cfg.findings)
     grades = grade_matrix(studies) if any(s.scores for s in studies) else None
@@ -220,6 +227,10 @@ def score_methods(studies: Sequence[Study], images: list[np.ndarray], methods: d
         out[name] = query_scores(sim, scores, has, cfg.k)
         if grades is not None:
             out[name].graded = graded_at_k(studies, scores, GRADED_K, grades)
+        if classes is not None:
+            from eval.classes import class_precision
+
+            out[name].by_class = class_precision(scores, classes, cfg.k)
     return out, has, sim
 
 
@@ -244,8 +255,15 @@ def score_directory(folder: str | Path, checkpoint: str | Path | None, out_dir: 
     methods = baseline_methods(device)
     if checkpoint:
         methods["trained"] = checkpoint_method(checkpoint, device)
-    per, has, _ = score_methods(studies, images, methods, cfg)
+    from eval.classes import class_base_rates, study_classes
+
+    classes, class_problems = study_classes(folder, studies)
+    per, has, _ = score_methods(studies, images, methods, cfg, classes)
     extra: dict[str, Any] = {}
+    if classes is not None:
+        extra["class_base_rate"] = class_base_rates(classes)
+        extra["class_queries"] = {c: int((classes == c).sum()) for c in extra["class_base_rate"]}
+        extra["class_problems"] = class_problems
     if any(s.scores for s in studies):
         extra["graded"] = graded_bounds(studies)
     if checkpoint:
@@ -258,6 +276,7 @@ def score_directory(folder: str | Path, checkpoint: str | Path | None, out_dir: 
         extra["attention_regions"] = _attention_regions(folder, manifest, studies, images, enc, cfg)
     result = {"folder": str(folder), "checkpoint": str(checkpoint) if checkpoint else None, "studies": len(studies),
               "k": cfg.k, "skipped": res.skipped + problems, "warnings": res.warnings,
+              "settings_compared": cfg.settings_compared,
               **summarise(per, has, cfg, "trained" if checkpoint else None), **extra,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "cxr_eval.json").write_text(json.dumps(result, indent=1))
@@ -435,6 +454,30 @@ def _format_graded(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _format_classes(result: dict[str, Any]) -> list[str]:
+    """Same-class precision@k per class (eval/classes.py), where the folder names classes."""
+    base = result.get("class_base_rate")
+    if not base:
+        return []
+    k = result["k"]
+    names = list(base)
+    lines = ["", f"same-class P@{k} by class (queries: " + ", ".join(f"{c} {result['class_queries'][c]}" for c in names)
+             + f"; settings compared: {result.get('settings_compared', 1)}):",
+             f"{'method':26s} " + " ".join(f"{c:>10s}" for c in names),
+             f"{'base rate':26s} " + " ".join(f"{base[c]:10.3f}" for c in names)]
+    for m, row in result["methods"].items():
+        if "class_precision@k" in row:
+            lines.append(f"{m:26s} " + " ".join(f"{row['class_precision@k'][c]:10.3f}" for c in names))
+    for pair, d in result.get("paired_differences", {}).items():
+        cells = [f"{c} {d[f'class_precision@k:{c}'][0]:+.3f} [{d[f'class_precision@k:{c}'][1]:+.3f}, "
+                 f"{d[f'class_precision@k:{c}'][2]:+.3f}]" for c in names if f"class_precision@k:{c}" in d]
+        if cells:
+            lines.append(f"  {pair}: " + "; ".join(cells))
+    problems = result.get("class_problems") or []
+    lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
+    return lines
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Methods as rows: Jaccard@k, mAP@k and P@k per finding (base rate in the header)."""
     k = result["k"]
@@ -452,6 +495,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"P@{k} {n} {d[f'precision@k:{n}'][0]:+.3f} [{d[f'precision@k:{n}'][1]:+.3f}, {d[f'precision@k:{n}'][2]:+.3f}]"
             for n in names[:2]))
     lines.append("queries with each finding: " + ", ".join(f"{n} {c}" for n, c in result["queries_with"].items()))
+    lines.append(f"settings compared on these data before this table: {result.get('settings_compared', 1)} "
+                 "(1 = the checkpoint's settings were fixed before scoring)")
+    lines += _format_classes(result)
     lines += _format_graded(result)
     if result.get("conditions"):
         lines += ["", "conditioned search (per condition; eval/conditioning.py):",

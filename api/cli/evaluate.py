@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ec.add_argument("--out", required=True, help="folder for cxr_eval.json")
     ec.add_argument("-k", type=int, default=10)
     ec.add_argument("--device", default="cpu")
+    ec.add_argument("--settings-compared", type=int, default=1,
+                    help="training settings compared on these data before this run (printed with every table)")
     ec.set_defaults(func=_cmd_eval_cxr)
     ev_cv = ev.add_parser("cxr-cv", help="k-fold cross-validation by patient: train on k-1 folds, score the held-out "
                                          "fold, pool; paired-bootstrap CIs")
@@ -163,7 +165,8 @@ def _cmd_eval_entities(a: argparse.Namespace) -> int:
 def _cmd_eval_cxr(a: argparse.Namespace) -> int:
     from eval.labelled import CxrEvalConfig, format_table, score_directory
 
-    r = score_directory(a.folder, a.checkpoint, a.out, CxrEvalConfig(k=a.k), device=a.device)
+    r = score_directory(a.folder, a.checkpoint, a.out, CxrEvalConfig(k=a.k, settings_compared=a.settings_compared),
+                        device=a.device)
     print(format_table(r))
     print(f"{r['studies']} studies, {r['seconds']}s; wrote {a.out}/cxr_eval.json")
     return 0
