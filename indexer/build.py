@@ -140,6 +140,31 @@ def state_dir_for(uri: str) -> Path:
     return env().state_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def private_dir_for(uri: str) -> Path:
+    """The index's private state: what a rebuild needs that identifies patients or their files
+    (the published studies with their absolute source paths, the manifest's path, pending
+    merges). It lives under ``$MEDRAG_STATE/private/<hash of the index location>``, created 0700,
+    never inside the index folder an admin copies to a server (docs/operations.md, "Private
+    state"). The index folder keeps only what serving needs: payloads with opaque image
+    references, pseudonymised patients, shifted dates, de-identified text."""
+    loc = parse_uri(uri)
+    ident = str(loc.path.resolve()) if loc.path is not None else uri
+    folder = env().state_dir.resolve() / "private" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if loc.path is not None and (folder == loc.path.resolve() or loc.path.resolve() in folder.parents):
+        raise ManifestError(f"MEDRAG_STATE ({env().state_dir}) is inside the index folder {loc.path}: "
+                            "private build state must not be copied with the index; set MEDRAG_STATE elsewhere")
+    return folder
+
+
+def _private(uri: str) -> Path:
+    """:func:`private_dir_for`, created (and its parent) with mode 0700."""
+    folder = private_dir_for(uri)
+    for d in (folder.parent, folder):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        d.chmod(0o700)  # mkdir's mode is masked by the umask
+    return folder
+
+
 @contextmanager
 def writer_state(uri: str, work_dir: str | Path | None = None) -> Iterator[Path]:
     """The build's state folder, locked for one writer.
@@ -189,7 +214,7 @@ def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir:
         report.skipped.extend(errors)
         ids = {s.study_id for s in new}
         merged = [s for s in current if s.study_id not in ids] + new
-        pending = state / "pending.jsonl"
+        pending = _private(uri) / "pending.jsonl"
         write_manifest(pending, merged)
         _build(merged, pending, uri, cfg, state, report, progress, 256)
     report.seconds = time.perf_counter() - t0
@@ -208,7 +233,7 @@ def delete_studies(uri: str, study_ids: list[str], work_dir: str | Path | None =
         kept = [s for s in current if s.study_id not in set(study_ids)]
         if not kept:
             raise ManifestError("deleting every study would leave an empty index")
-        pending = state / "pending.jsonl"
+        pending = _private(uri) / "pending.jsonl"
         write_manifest(pending, kept)
         _build(kept, pending, uri, cfg, state, report, False, 256)
     report.seconds = time.perf_counter() - t0
@@ -222,7 +247,7 @@ def rebuild_locked(uri: str, state: Path, progress: bool = False) -> BuildReport
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
     cfg, current = _published(state, uri)
-    pending = state / "pending.jsonl"
+    pending = _private(uri) / "pending.jsonl"
     write_manifest(pending, current)
     _build(current, pending, uri, cfg, state, report, progress, 256)
     report.seconds = time.perf_counter() - t0
@@ -236,7 +261,10 @@ def _published(state: Path, uri: str) -> tuple[BuildConfig, list[Study]]:
     raw = json.loads(rec.read_text())
     conf = raw["config"]
     conf["conditioning"] = tuple(conf["conditioning"]) if conf.get("conditioning") is not None else None
-    return BuildConfig(**conf), list(read_manifest(state / "published.jsonl"))
+    studies = private_dir_for(uri) / "published.jsonl"
+    if not studies.is_file() and (state / "published.jsonl").is_file():
+        studies = state / "published.jsonl"  # an index built before issue 23; moved out at the next publish
+    return BuildConfig(**conf), list(read_manifest(studies))
 
 
 def _absolute(study: Study, manifest: str | Path) -> Study:
@@ -260,6 +288,7 @@ def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, condi
 
 def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfig, state: Path,
            report: BuildReport, progress: bool, segment_size: int, engine: dict[str, Any] | None = None) -> None:
+    studies = [_deidentified(s) for s in studies]  # what is recorded, keyed and encoded: never raw
     tax = default_taxonomy()
     extractor = EntityExtractor(tax)
     image_enc = create_encoder(cfg.encoder, checkpoint=cfg.checkpoint, device=cfg.device,
@@ -327,7 +356,7 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
             report.studies = report.points = report.images = report.reports = 0
             report.skipped = list(skipped_before)  # _assemble adds the segments' skip messages again
             run([(s, k) for s, k in zip(studies, keys, strict=True) if k in lost])
-    _record(state, manifest, studies, cfg)
+    _record(state, manifest, studies, cfg, uri)
     live = {done[k] for k in keys if k in done}
     for f in store.files():  # segments holding only deleted or changed studies
         if f not in live:
@@ -336,16 +365,40 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
 
 
 def _deidentified(study: Study) -> Study:
-    """The study with its report text de-identified (:mod:`indexer.deid`) before anything reads
-    it: the report reaches payloads, search results and other patients' drafts. Dates shift by
-    the manifest patient's offset; text a DICOM source already de-identified is left as it is."""
-    if not study.report:
+    """The study de-identified (:func:`indexer.deid.deidentify_study`) before anything reads it:
+    patient id pseudonymised, study date and report dates shifted by the patient's one offset,
+    report PHI replaced. The report reaches payloads, search results and other patients' drafts.
+    A study a source already de-identified (marked) is left as it is."""
+    if study.deidentified:
         return study
-    from indexer.deid import deidentify_text
+    from indexer.deid import deidentify_study
     from indexer.phi import DEFAULT_KEY, PhiPolicy
 
-    policy = PhiPolicy((env().phi_key or DEFAULT_KEY).encode())
-    return msgspec.structs.replace(study, report=deidentify_text(study.report, study.patient_id, policy).text)
+    return deidentify_study(study, PhiPolicy((env().phi_key or DEFAULT_KEY).encode()))
+
+
+def _path_refs(study: Study, manifest: str | Path) -> list[tuple[str, str]]:
+    """(path as a message may write it, opaque reference) for each image of ``study``, longest
+    path first (an absolute path before the relative one it ends with)."""
+    pairs = []
+    for rel in study.images:
+        absolute = str(manifest_image(manifest, rel))
+        pairs += [(absolute, image_ref(absolute)), (rel, image_ref(absolute))]
+    return sorted(set(pairs), key=lambda p: -len(p[0]))
+
+
+def _hide_paths(message: str, study: Study, manifest: str | Path) -> str:
+    """A skip message as a segment stores it: image paths (which name patients) become their
+    opaque references; :func:`_show_paths` restores them for the build report."""
+    for path, ref in _path_refs(study, manifest):
+        message = message.replace(path, ref)
+    return message
+
+
+def _show_paths(message: str, study: Study, manifest: str | Path) -> str:
+    for path, ref in reversed(_path_refs(study, manifest)):  # the relative form, as reported before
+        message = message.replace(ref, path)
+    return message
 
 
 def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_enc: Any, text_enc: Any,
@@ -358,7 +411,7 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
     pres: dict[str, list[np.ndarray]] = {sp: [] for sp in spaces}
 
     def skip(study: Study, message: str) -> None:
-        seg.skipped.setdefault(key_of[id(study)], []).append(message)
+        seg.skipped.setdefault(key_of[id(study)], []).append(_hide_paths(message, study, manifest))
 
     for batch in _batches([s for s, _ in chunk], manifest, batch_size, skip):
         has_img = np.array([img is not None for _, _, img, _ in batch])
@@ -421,7 +474,7 @@ def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], stor
                 continue
             seen.add(key)
             seg, rows = segment(done[key])
-            report.skipped.extend(seg.skipped.get(key, []))
+            report.skipped.extend(_show_paths(m, study, image_root / "manifest") for m in seg.skipped.get(key, []))
             points = [(seg, i) for i in rows.get(key, [])]
             buf.extend(points)
             if points:
@@ -462,11 +515,18 @@ def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[s
     return next_id + len(buf)
 
 
-def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig) -> None:
-    """What the published version holds, for later add/delete (images as absolute paths)."""
-    write_manifest(state / "published.jsonl", [_absolute(s, manifest) for s in studies])
-    atomic_write_bytes(state / "published.json",
-                       json.dumps({"manifest": str(Path(manifest).resolve()), "config": asdict(cfg)}, indent=1).encode())
+def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig, uri: str) -> None:
+    """What the published version holds, for later add/delete: the studies with their absolute
+    image paths (source paths name patients) and the manifest's path go to the private state
+    (:func:`private_dir_for`); the build state beside the index keeps only the configuration."""
+    private = _private(uri)
+    write_manifest(private / "published.jsonl", [_absolute(s, manifest) for s in studies])
+    atomic_write_bytes(private / "source.json", json.dumps(
+        {"uri": uri, "manifest": str(Path(manifest).resolve())}, indent=1).encode())
+    atomic_write_bytes(state / "published.json", json.dumps({"config": asdict(cfg)}, indent=1).encode())
+    for legacy in ("published.jsonl", "pending.jsonl"):  # where indexes before issue 23 kept them
+        (state / legacy).unlink(missing_ok=True)
+    (private / "pending.jsonl").unlink(missing_ok=True)  # an add/delete merge, now published
 
 
 def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:

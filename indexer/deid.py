@@ -36,7 +36,10 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import msgspec
+
 from indexer.phi import PhiPolicy
+from retrieval.records import Study
 
 KINDS = ("name", "institution", "mrn", "accession", "phone", "email", "address", "ssn", "date", "url", "id")
 # a placeholder this pass writes; never matched again (idempotence)
@@ -549,3 +552,38 @@ def deidentify_text(text: str, patient_id: str | None, policy: PhiPolicy) -> Dei
         pos = c.end
     parts.append(text[pos:])
     return DeidResult("".join(parts), tuple(Redaction(c.start, c.end, c.kind) for c in chosen))
+
+
+# ---- the study: one policy for every source -----------------------------------------------------
+_PSEUDONYM = re.compile(r"[0-9a-f]{20}")
+
+
+def is_pseudonym(value: str) -> bool:
+    """Whether ``value`` has the form of :meth:`PhiPolicy.pseudonym` (20 lower-case hex digits)."""
+    return bool(_PSEUDONYM.fullmatch(value))
+
+
+def patient_pseudonym(value: str, policy: PhiPolicy) -> str:
+    """The stored form of a patient id a user typed (``--exclude-patient MRN-8675309``): its keyed
+    pseudonym, or the value itself when it already is one (copied from an answer)."""
+    value = value.strip()
+    return value if is_pseudonym(value) else policy.pseudonym(value, "patient")
+
+
+def deidentify_study(study: Study, policy: PhiPolicy) -> Study:
+    """The one de-identification policy of every source (folder CSV, R2Gen, labels and notes CSVs,
+    hand-written manifests; the DICOM sources apply the same rules to headers and mark their
+    studies): the patient id becomes the keyed pseudonym the DICOM path uses
+    (``policy.pseudonym(id, "patient")``), the study date moves by the patient's one offset
+    (:meth:`PhiPolicy.date_shift`) and so do the dates in the report text, whose other PHI becomes
+    placeholders. A study without a patient id is its own patient (offset keyed by its study id),
+    so its metadata and text dates still agree. Idempotent: a marked study is returned as it is.
+    """
+    if study.deidentified:
+        return study
+    raw = (study.patient_id or "").strip() or None
+    anchor = raw or f"study:{study.study_id}"
+    date = policy.shift_date(study.study_date.replace("-", ""), anchor) if study.study_date else None
+    report = deidentify_text(study.report, anchor, policy).text if study.report else study.report
+    return msgspec.structs.replace(study, patient_id=policy.pseudonym(raw, "patient") if raw else None,
+                                   study_date=date, report=report, deidentified=True)

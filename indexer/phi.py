@@ -119,9 +119,11 @@ def deidentify(header: dict[str, Any], policy: PhiPolicy) -> dict[str, Any]:
 # ---- image references: paths never leave the build ---------------------------------------------
 # A DICOM export path names the patient ("export/MRN-8675300_Smith_John/img.dcm"). Payloads,
 # segments, `medrag search` output and API answers carry only a keyed, opaque reference; the
-# reference -> path map is recomputed from the build's private state (``published.jsonl`` in the
-# index's state directory, which holds the absolute paths for incremental builds anyway) by the
-# readers that must open the file: the server's thumbnails and attention maps, the CLI heat-maps.
+# reference -> path map is recomputed from the build's private state (``published.jsonl`` in
+# :func:`indexer.build.private_dir_for`, outside the index folder, which holds the absolute paths
+# for incremental builds anyway) by the readers that must open the file: the server's thumbnails
+# and attention maps, the CLI heat-maps. Indexes built before issue 23 kept it in ``<index>/.build``;
+# that is still read until their next publish moves it.
 IMAGE_REF_PREFIX = "img-"
 
 
@@ -141,9 +143,10 @@ def is_image_ref(ref: str) -> bool:
 
 
 def image_paths(state: Path, key: str | None = None) -> dict[str, str]:
-    """reference -> absolute path of every image of the published version under ``state``
-    (empty when nothing was published there). Private to the build and the server: never
-    returned to a client, never logged."""
+    """reference -> absolute path of every image of the published version recorded in the folder
+    ``state`` (the private state, :func:`indexer.build.private_dir_for`; empty when nothing was
+    published there). Private to the build and the server: never returned to a client, never
+    logged."""
     from indexer.manifest import read_manifest
 
     published = state / "published.jsonl"
@@ -158,8 +161,9 @@ _maps_lock = threading.Lock()
 
 def stored_image_path(ref: str, uri: str, image_root: str | None, state: Path | None = None) -> Path:
     """The file behind a payload's ``image``: an opaque reference is looked up in the build's
-    private map (state directory of ``uri``, reread when a new version is published); an older
-    index's relative path goes through the guarded resolver.
+    private map (``state``, by default the private state of ``uri`` or, for an index built before
+    issue 23, its ``.build`` folder; reread when a new version is published); an older index's
+    relative path goes through the guarded resolver.
 
     Raises:
         ImagePathError: unknown reference, or a path leaving ``image_root``.
@@ -169,9 +173,11 @@ def stored_image_path(ref: str, uri: str, image_root: str | None, state: Path | 
     if not is_image_ref(ref):
         return resolve_image(ref, image_root)
     if state is None:
-        from indexer.build import state_dir_for
+        from indexer.build import private_dir_for, state_dir_for
 
-        state = state_dir_for(uri)
+        state = private_dir_for(uri)
+        if not (state / "published.jsonl").exists() and (state_dir_for(uri) / "published.jsonl").exists():
+            state = state_dir_for(uri)
     published = state / "published.jsonl"
     stamp = published.stat().st_mtime if published.exists() else -1.0
     with _maps_lock:

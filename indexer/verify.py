@@ -8,6 +8,13 @@ own record (the published manifest and configuration), which re-encodes only the
 studies and publishes a fresh, verified version. A damaged published version with intact
 segments costs no encoding at all.
 
+Identifying text (issue 23): the published payloads (report text, patient ids, image fields), the
+encoded segments, the index's metadata and any build record or manifest left inside the index
+folder are scanned with the de-identification rules themselves (:mod:`indexer.deid`): what they
+would still replace, a patient id that is no pseudonym, or a source path is reported by place and
+kind, never by its text. ``--repair`` rebuilds from the build's record, which de-identifies every
+study again and moves an old build record to the private state.
+
 Why a command and not only checks at open: readers refuse a damaged version (the server answers
 503 naming the file), but a hospital admin needs to know *before* a reader trips over it, from a
 cron job, and to heal it without a full re-encode.
@@ -15,8 +22,10 @@ cron job, and to heal it without a full re-encode.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from indexer.segments import QUARANTINE, SegmentStore
 from retrieval.index import parse_uri
@@ -34,10 +43,11 @@ class VerifyReport:
     staging_leftovers: list[str] = field(default_factory=list)
     repaired: bool = False
     new_version: str | None = None
+    identifying: list[str] = field(default_factory=list)  # "where: what kind" (never the text itself)
 
     @property
     def ok(self) -> bool:
-        return not (self.version_problems or self.damaged_segments or self.staging_leftovers)
+        return not (self.version_problems or self.damaged_segments or self.staging_leftovers or self.identifying)
 
 
 def verify_index(uri: str, repair: bool = False, work_dir: str | Path | None = None) -> VerifyReport:
@@ -56,8 +66,10 @@ def verify_index(uri: str, repair: bool = False, work_dir: str | Path | None = N
             collect_staging(loc.path)
         for store, f, why in damaged:
             store.quarantine(f, why)
-        if rep.version_problems or damaged:
+        if rep.version_problems or damaged or rep.identifying:
             rep.new_version = rebuild_locked(uri, locked).version
+        if rep.identifying and loc.path is not None:  # the version before, kept for readers, holds it too
+            _drop_older_versions(loc.path)
         rep.repaired = True
     return rep
 
@@ -86,7 +98,121 @@ def _inspect(uri: str, state: Path) -> tuple[VerifyReport, list[tuple[SegmentSto
             if why:
                 damaged.append((store, f, why))
                 rep.damaged_segments.append(f"{f.name}: {why}")
+            else:
+                seg = SegmentStore.read(f)
+                for i, p in enumerate(seg.payloads):
+                    _scan_payload(p, f"segment {f.name} point {i}", rep.identifying)
+                for msgs in seg.skipped.values():
+                    for m in msgs:
+                        _scan_text(m, f"segment {f.name} skip message", rep.identifying)
+    _scan_published(uri, loc.path, state, rep)
+    if len(rep.identifying) > MAX_FINDINGS:
+        more = len(rep.identifying) - MAX_FINDINGS
+        rep.identifying = rep.identifying[:MAX_FINDINGS] + [f"... and {more} more"]
     return rep, damaged
+
+
+MAX_FINDINGS = 200
+
+
+def _policy() -> Any:
+    from indexer.phi import DEFAULT_KEY, PhiPolicy
+    from retrieval.settings import env
+
+    return PhiPolicy((env().phi_key or DEFAULT_KEY).encode())
+
+
+def _scan_text(text: str | None, where: str, out: list[str]) -> None:
+    """What the de-identification rules would still replace in ``text``, by kind."""
+    from indexer.deid import deidentify_text
+
+    if not text:
+        return
+    kinds = sorted({r.kind for r in deidentify_text(text, None, _policy()).redactions})
+    if kinds:
+        out.append(f"{where}: {', '.join(kinds)}")
+
+
+def _scan_payload(p: Any, where: str, out: list[str]) -> None:
+    from indexer.deid import is_pseudonym
+    from indexer.phi import is_image_ref
+    from retrieval.records import Payload
+
+    p = Payload.of(p)
+    where = f"{where} (study {p.study_id})"
+    if p.patient_id and not is_pseudonym(p.patient_id):
+        out.append(f"{where}: patient id is not a pseudonym")
+    if p.image and not is_image_ref(p.image):
+        out.append(f"{where}: image is a source path, not an opaque reference")
+    _scan_text(p.report, f"{where} report", out)
+
+
+def _scan_published(uri: str, folder: Path | None, state: Path, rep: VerifyReport) -> None:
+    """The served payloads and metadata; for a local index, build records and manifests left in
+    its folder (an index built before issue 23 kept ``published.jsonl`` in ``.build``)."""
+    from retrieval.index import open_index
+
+    if folder is not None and folder.is_dir():
+        for f in sorted(folder.rglob("*.jsonl")):
+            if _is_study_record(f):
+                rep.identifying.append(f"{f.relative_to(folder)}: studies with source paths or report text inside "
+                                       "the index folder (move it to the private state: --repair)")
+        record = state / "published.json"
+        if record.is_file() and "manifest" in json.loads(record.read_text() or "{}"):
+            rep.identifying.append(f"{record.name}: names the manifest's source path (--repair moves it)")
+        for older in _older_versions(folder):
+            payloads = older / "payloads.jsonl"
+            if payloads.is_file():
+                with open(payloads, "rb") as fh:
+                    for i, line in enumerate(fh):
+                        _scan_payload(json.loads(line), f"older version {older.name} point {i}", rep.identifying)
+    if rep.version_problems:
+        return  # nothing trustworthy to read
+    try:
+        ix = open_index(uri)
+    except Exception:  # noqa: BLE001 - an unreadable index is reported by the checks above
+        return
+    try:
+        _scan_text(getattr(ix.meta, "image_root", None), "index metadata image_root", rep.identifying)
+        n = len(ix)
+        for start in range(0, n, 512):
+            ids = list(range(start, min(n, start + 512)))
+            for i, p in zip(ids, ix.payloads(ids), strict=True):
+                _scan_payload(p, f"point {i}", rep.identifying)
+    finally:
+        ix.close()
+
+
+def _older_versions(folder: Path) -> list[Path]:
+    """Published versions but the current one (the one before is kept for readers in flight)."""
+    from retrieval.index.versions import published_version
+
+    current = published_version(folder)
+    return sorted(p for p in (folder / "versions").glob("v*") if p.is_dir() and p.name != current)
+
+
+def _drop_older_versions(folder: Path) -> None:
+    import shutil
+
+    for old in _older_versions(folder):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_study_record(path: Path) -> bool:
+    """Whether ``path`` holds manifest lines (studies with their image paths): a build record, or
+    a manifest written into the index folder. A FAISS version's ``payloads.jsonl`` is what the
+    payload scan reads."""
+    if path.name in ("published.jsonl", "pending.jsonl"):
+        return True
+    if path.name == "payloads.jsonl":
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+        line = json.loads(first) if first.strip() else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(line, dict) and "study_id" in line and "images" in line
 
 
 def format_report(rep: VerifyReport) -> str:
@@ -97,8 +223,15 @@ def format_report(rep: VerifyReport) -> str:
     lines += [f"    damaged {d}" for d in rep.damaged_segments]
     if rep.staging_leftovers:
         lines.append(f"  staging leftovers of killed builds: {', '.join(rep.staging_leftovers)}")
+    lines.append(f"  identifying text: {len(rep.identifying)} finding(s)" if rep.identifying
+                 else "  identifying text: none found")
+    lines += [f"    {d}" for d in rep.identifying]
     if rep.repaired:
         lines.append("  repaired: leftovers collected, damaged segments quarantined"
                      + (f", re-encoded and published as {rep.new_version}" if rep.new_version else ""))
-    lines.append("OK" if rep.ok else ("REPAIRED" if rep.repaired else "DAMAGED (run with --repair)"))
+    lines.append("OK" if rep.ok else ("REPAIRED" if rep.repaired else
+                                      "IDENTIFYING TEXT (run with --repair to rebuild it de-identified)"
+                                      if rep.identifying and not (rep.version_problems or rep.damaged_segments
+                                                                  or rep.staging_leftovers)
+                                      else "DAMAGED (run with --repair)"))
     return "\n".join(lines)

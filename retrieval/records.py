@@ -37,6 +37,9 @@ class Study(msgspec.Struct, frozen=True, omit_defaults=True):
     scores: dict[str, float] | None = None
     # per-image extra metadata (lung boxes, per-image notes), parallel to ``images``
     image_meta: list[dict[str, Any]] | None = None
+    # True once :func:`indexer.deid.deidentify_study` ran (pseudonymised patient, shifted dates,
+    # de-identified report): a later pass leaves the study as it is instead of hashing twice
+    deidentified: bool = False
 
 
 class LabelKey(NamedTuple):

@@ -11,9 +11,11 @@ import pytest
 from api.cli import main
 from indexer.build import BuildConfig, build_index
 from indexer.manifest import read_manifest, write_manifest
+from indexer.phi import PhiPolicy
 from indexer.sources.folder import from_folder
 from retrieval.entities import EntityExtractor
 from retrieval.index import open_index
+from retrieval.index.base import date_to_day
 from retrieval.records import Label, Mention, Study
 from retrieval.search import Query, Searcher, SearchError
 from retrieval.taxonomy import UnknownTermError
@@ -80,7 +82,10 @@ def test_payload_carries_mined_entities(built):
     p = open_index(uri).find(_sid("st00"))[0].payload
     assert Label("left lower lobe", "opacity", "present") in p.entities
     assert "lung:opacity" in p.anatomy_findings and "left lung:opacity" in p.anatomy_findings
-    assert "effusion" in p.findings_absent and p.study_day == 18262
+    # the stored date is shifted by the patient's offset (issue 23): 2020-01-01 of patient pt0
+    shifted = PhiPolicy.from_env().shift_date("20200101", "pt0")
+    assert "effusion" in p.findings_absent and shifted and p.study_day == date_to_day(shifted)
+    assert p.study_date == shifted and p.patient_id == PhiPolicy.from_env().pseudonym("pt0", "patient")
     # the report's mentions are mined at build time, on the stored text (answers highlight from them)
     assert p.report and p.mentions == [Mention(e.span[0], e.span[1], e.anatomy, e.finding, e.status)
                                        for e in EntityExtractor().extract(p.report)]

@@ -17,7 +17,7 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from api.cli import main
 from api.settings import Settings
-from indexer.build import BuildConfig, build_index, state_dir_for
+from indexer.build import BuildConfig, build_index, private_dir_for, state_dir_for
 from indexer.manifest import write_manifest
 from indexer.phi import image_paths, image_ref, is_image_ref
 from retrieval.records import Study
@@ -35,16 +35,20 @@ def phi_index(tmp_path_factory) -> tuple[Path, str]:
     folder = root / "export" / "MRN-8675300_Zzyzx_Quintavius0"
     folder.mkdir(parents=True)
     shutil.copy(get_testdata_file("CT_small.dcm"), folder / "img.dcm")  # type: ignore[arg-type]
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # its skip message names the path
     studies = [Study(study_id="phi1", images=["export/MRN-8675300_Zzyzx_Quintavius0/img.dcm"],
-                     report="No acute abnormality.", modality="CT")]
+                     report="No acute abnormality.", modality="CT"),
+               Study(study_id="phi2", images=["export/MRN-8675300_Zzyzx_Quintavius0/broken.png"], modality="CR")]
     for i in range(3):
         save_png(root / "export" / f"s{i}.png", synthetic_cxr(i, left_blob=True))
         studies.append(Study(study_id=f"s{i}", images=[f"export/s{i}.png"], report="Small left effusion.",
                              modality="CR"))
     write_manifest(root / "m.jsonl", studies)
     uri = f"faiss:{root}/ix"
-    build_index(root / "m.jsonl", uri, BuildConfig(encoder="pixels", text_encoder=None, conditioning=()),
-                progress=False)
+    rep = build_index(root / "m.jsonl", uri, BuildConfig(encoder="pixels", text_encoder=None, conditioning=()),
+                      progress=False)
+    # the admin's build report still names the file it skipped (segments store only its reference)
+    assert any("MRN-8675300_Zzyzx_Quintavius0/broken.png" in m for m in rep.skipped), rep.skipped
     return root, uri
 
 
@@ -74,13 +78,30 @@ def _clean(text: str) -> None:
 
 def test_published_index_and_segments_hold_no_path(phi_index):
     root, uri = phi_index
-    state = state_dir_for(uri)  # ix/.build: the build's private state (its published.jsonl is the map)
+    state = state_dir_for(uri)  # ix/.build: segments and the lock, inside the index folder
     published = _texts_under(root / "ix", skip=state)
     assert "phi1" in published  # the scan does see the payloads
     _clean(published)
     segments = _texts_under(state / "segments")
     assert "phi1" in segments
     _clean(segments)
+    # issue 23: nothing under the index folder names the export path, the build state included
+    everything = _texts_under(root / "ix")
+    _clean(everything)
+    assert not (state / "published.jsonl").exists() and not (state / "pending.jsonl").exists()
+
+
+def test_source_paths_live_in_a_private_folder_outside_the_index(phi_index):
+    import stat
+
+    root, uri = phi_index
+    private = private_dir_for(uri)
+    assert (root / "ix").resolve() not in private.parents
+    for d in (private, private.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, oct(d.stat().st_mode)
+    held = (private / "published.jsonl").read_text()
+    assert "MRN-8675300_Zzyzx_Quintavius0" in held  # the rebuild record keeps the real path, privately
+    assert json.loads((private / "source.json").read_text())["uri"] == uri
 
 
 def test_payload_image_is_an_opaque_reference_resolved_privately(phi_index):
@@ -94,7 +115,8 @@ def test_payload_image_is_an_opaque_reference_resolved_privately(phi_index):
     assert ref is not None and is_image_ref(ref)
     real = str((root / "export" / "MRN-8675300_Zzyzx_Quintavius0" / "img.dcm").resolve())
     assert ref == image_ref(real)
-    assert image_paths(state_dir_for(uri))[ref] == real  # the map stays in the build's state
+    assert image_paths(private_dir_for(uri))[ref] == real  # the map stays in the private state
+    assert image_paths(state_dir_for(uri)) == {}  # and not beside the index
 
 
 def test_search_cli_output_holds_no_path(phi_index, capsys):

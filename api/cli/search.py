@@ -42,9 +42,15 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
     index = open_index(a.index)
     searcher = Searcher.for_index(index, device=a.device, load_text=bool(a.text) or a.reports)
+    exclude = None
+    if a.exclude_patient:  # the index holds the keyed pseudonym of the id the user types
+        from indexer.deid import patient_pseudonym
+        from indexer.phi import PhiPolicy
+
+        exclude = patient_pseudonym(a.exclude_patient, PhiPolicy.from_env())
     q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, finding_by=a.finding_by,
               include_uncertain=a.include_uncertain,
-              modality=tuple(a.modality) if a.modality else None, exclude_patient_id=a.exclude_patient)
+              modality=tuple(a.modality) if a.modality else None, exclude_patient_id=exclude)
     if a.heatmaps and not (a.image and a.anatomy):
         raise ValueError("--heatmaps needs --image and --anatomy")
     if a.image:

@@ -6,9 +6,11 @@ an unreadable DICOM), so a build reports losses instead of hiding them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from retrieval.records import Study
 
@@ -33,9 +35,22 @@ SOURCES: dict[str, str] = {
 
 
 def source(name: str) -> Callable[..., SourceResult]:
-    """The adapter registered as ``name``."""
+    """The adapter registered as ``name``, its studies de-identified by the one policy of every
+    source (:func:`indexer.deid.deidentify_study`): a manifest written from any source holds
+    pseudonymised patient ids, shifted dates and de-identified report text."""
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
     module, func = SOURCES[name].split(":")
     fn: Callable[..., SourceResult] = getattr(importlib.import_module(module), func)
-    return fn
+
+    @functools.wraps(fn)
+    def deidentified(*args: Any, **kwargs: Any) -> SourceResult:
+        from indexer.deid import deidentify_study
+        from indexer.phi import PhiPolicy
+
+        res = fn(*args, **kwargs)
+        policy = PhiPolicy.from_env()
+        res.studies = [deidentify_study(s, policy) for s in res.studies]
+        return res
+
+    return deidentified

@@ -90,7 +90,8 @@ def study_from_headers(images: list[tuple[str, dict]], report: str | None, polic
     return Study(study_id=first["StudyInstanceUID"], images=[rel for rel, _ in images], report=report,
                  patient_id=first.get("PatientID"), study_date=first.get("StudyDate"),
                  modality=first.get("Modality"),
-                 view=sorted({str(h["ViewPosition"]) for h in safe if h.get("ViewPosition")}) or None)
+                 view=sorted({str(h["ViewPosition"]) for h in safe if h.get("ViewPosition")}) or None,
+                 deidentified=True)
 
 
 def _representatives(members: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
