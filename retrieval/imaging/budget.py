@@ -360,8 +360,16 @@ def pool_capacity() -> int:
 @contextmanager
 def reserve(declared: Declared, label: str, timeout: float | None = None) -> Iterator[None]:
     """Hold ``declared.work_bytes`` of the process-wide decode memory while decoding."""
+    with reserve_bytes(declared.work_bytes, label, timeout):
+        yield
+
+
+@contextmanager
+def reserve_bytes(amount: int, label: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold ``amount`` bytes of the process-wide decode memory (a CT volume's working memory,
+    which is not one frame's: :mod:`retrieval.imaging.volume`)."""
     pool = _pool
-    amount = pool.acquire(declared.work_bytes, label, timeout)
+    amount = pool.acquire(amount, label, timeout)
     try:
         yield
     finally:
