@@ -301,10 +301,10 @@ def run_deid_eval(annotation_path: str | Path, n: int = 1000, seed: int = 0,
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"planted PHI in {result['reports']} IU X-ray reports (seed {result['seed']})",
-             f"{'kind':<14} {'planted':>7} {'removed':>7} {'recall':>7}"]
+             f"{'kind':<21} {'planted':>7} {'removed':>7} {'recall':>7}"]
     for row, r in result["recall"].items():
         rec = "-" if r["recall"] is None else f"{r['recall']:.3f}"
-        lines.append(f"{row:<14} {r['planted']:>7} {r['removed']:>7} {rec:>7}")
+        lines.append(f"{row:<21} {r['planted']:>7} {r['removed']:>7} {rec:>7}")
     fp = result["false_positives"]
     lines.append(f"false positives on the unplanted reports: {fp['reports_changed']}/{fp['reports']} "
                  f"reports changed, {fp['chars_changed']} of {fp['chars_total']} characters")
