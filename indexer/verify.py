@@ -23,6 +23,7 @@ cron job, and to heal it without a full re-encode.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def _inspect(uri: str, state: Path) -> tuple[VerifyReport, list[tuple[SegmentSto
                     _scan_payload(p, f"segment {f.name} point {i}", rep.identifying)
                 for msgs in seg.skipped.values():
                     for m in msgs:
-                        _scan_text(m, f"segment {f.name} skip message", rep.identifying)
+                        _scan_skip_message(m, f"segment {f.name} skip message", rep.identifying)
     _scan_published(uri, loc.path, state, rep)
     if len(rep.identifying) > MAX_FINDINGS:
         more = len(rep.identifying) - MAX_FINDINGS
@@ -122,15 +123,32 @@ def _policy() -> Any:
     return PhiPolicy((env().phi_key or DEFAULT_KEY).encode())
 
 
-def _scan_text(text: str | None, where: str, out: list[str]) -> None:
-    """What the de-identification rules would still replace in ``text``, by kind."""
+# what medrag itself writes and the rules would read as a long id: image references, pseudonyms
+_OWN_IDS = re.compile(r"(?<![\w-])(?:img-)?[0-9a-f]{16,20}(?![\w-])")
+
+
+def _scan_text(text: str | None, where: str, out: list[str], ignore: tuple[str, ...] = ()) -> None:
+    """What the de-identification rules would still replace in ``text``, by kind (medrag's own
+    opaque references and pseudonyms aside)."""
     from indexer.deid import deidentify_text
 
     if not text:
         return
-    kinds = sorted({r.kind for r in deidentify_text(text, None, _policy()).redactions})
+    kinds = sorted({r.kind for r in deidentify_text(_OWN_IDS.sub("[ID]", text), None, _policy()).redactions}
+                   - set(ignore))
     if kinds:
         out.append(f"{where}: {', '.join(kinds)}")
+
+
+_PATH = re.compile(r"[\w.-]+[/\\][\w.-]+|[\w-]+\.(?:png|jpe?g|dcm|dicom|tiff?|bmp)(?![\w])", re.IGNORECASE)
+
+
+def _scan_skip_message(message: str, where: str, out: list[str]) -> None:
+    """A skip message names its image by reference; a build before issue 23 wrote the path. Its
+    numbers (pixel counts, byte sizes) are not ids."""
+    if _PATH.search(_OWN_IDS.sub("[ID]", message)):
+        out.append(f"{where}: names a source path")
+    _scan_text(message, where, out, ignore=("id", "date", "url", "accession"))
 
 
 def _scan_payload(p: Any, where: str, out: list[str]) -> None:
@@ -173,7 +191,11 @@ def _scan_published(uri: str, folder: Path | None, state: Path, rep: VerifyRepor
     except Exception:  # noqa: BLE001 - an unreadable index is reported by the checks above
         return
     try:
-        _scan_text(getattr(ix.meta, "image_root", None), "index metadata image_root", rep.identifying)
+        # a folder path, read as words: only the kinds a path can be judged by (pytest's and
+        # export folders' "name0", "2019" and hashes are not ids to flag)
+        root = getattr(ix.meta, "image_root", None)
+        _scan_text(re.sub(r"[/\\_.]+", " ", root) if root else None, "index metadata image_root",
+                   rep.identifying, ignore=("id", "url", "date", "accession"))
         n = len(ix)
         for start in range(0, n, 512):
             ids = list(range(start, min(n, start + 512)))

@@ -102,6 +102,9 @@ def test_source_paths_live_in_a_private_folder_outside_the_index(phi_index):
     held = (private / "published.jsonl").read_text()
     assert "MRN-8675300_Zzyzx_Quintavius0" in held  # the rebuild record keeps the real path, privately
     assert json.loads((private / "source.json").read_text())["uri"] == uri
+    from indexer.verify import verify_index
+
+    assert verify_index(uri).identifying == []  # a skip message by reference is not a finding
 
 
 def test_payload_image_is_an_opaque_reference_resolved_privately(phi_index):

@@ -183,6 +183,10 @@ def test_verify_reports_identifying_text_of_an_old_build_and_repair_removes_it(t
     write_manifest(tmp_path / "m.jsonl", raw)
     uri = f"faiss:{tmp_path}/ix"
     monkeypatch.setattr(build, "_deidentified", lambda s: s)  # the old build: nothing de-identified
+    monkeypatch.setattr(build, "_hide_paths", lambda m, s, mf: m)  # and skip messages named the file
+    (images / FOLDER / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    raw.append(Study(study_id="s9", images=[f"images/{FOLDER}/broken.png"], patient_id=MRN))
+    write_manifest(tmp_path / "m.jsonl", raw)
     build_index(tmp_path / "m.jsonl", uri, BuildConfig(encoder="pixels", text_encoder=None, conditioning=()),
                 progress=False)
     private = private_dir_for(uri)
@@ -195,6 +199,7 @@ def test_verify_reports_identifying_text_of_an_old_build_and_repair_removes_it(t
     out = capsys.readouterr().out
     assert "IDENTIFYING TEXT" in out and "patient id is not a pseudonym" in out
     assert "published.jsonl" in out and "report: " in out and "name" in out
+    assert "skip message: names a source path" in out
     for secret in SECRETS:
         assert secret not in out, secret  # reported by place and kind, never by its text
 
