@@ -398,7 +398,9 @@ def _query(svc: Service, k: int, **kw: Any):
         from indexer.deid import patient_pseudonym
         from indexer.phi import PhiPolicy
 
-        kw["exclude_patient_id"] = patient_pseudonym(kw["exclude_patient_id"], PhiPolicy.from_env())
+        kw["exclude_patient_id"] = patient_pseudonym(kw["exclude_patient_id"])
+    return Query(k=k, **kw)
+
 
 def _modalities(value: str | list[str] | None) -> tuple[str, ...] | None:
     if not value:

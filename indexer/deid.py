@@ -563,11 +563,19 @@ def is_pseudonym(value: str) -> bool:
     return bool(_PSEUDONYM.fullmatch(value))
 
 
-def patient_pseudonym(value: str, policy: PhiPolicy) -> str:
+def patient_pseudonym(value: str, policy: PhiPolicy | None = None) -> str:
     """The stored form of a patient id a user typed (``--exclude-patient MRN-8675309``): its keyed
-    pseudonym, or the value itself when it already is one (copied from an answer)."""
+    pseudonym, or the value itself when it already is one (copied from an answer). Without a
+    policy, the environment's key (no warning per request: the server warned at start)."""
     value = value.strip()
-    return value if is_pseudonym(value) else policy.pseudonym(value, "patient")
+    if is_pseudonym(value):
+        return value
+    if policy is None:
+        from indexer.phi import DEFAULT_KEY
+        from retrieval.settings import env
+
+        policy = PhiPolicy((env().phi_key or DEFAULT_KEY).encode())
+    return policy.pseudonym(value, "patient")
 
 
 def deidentify_study(study: Study, policy: PhiPolicy) -> Study:

@@ -22,6 +22,7 @@ cron job, and to heal it without a full re-encode.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -127,15 +128,19 @@ def _policy() -> Any:
 _OWN_IDS = re.compile(r"(?<![\w-])(?:img-)?[0-9a-f]{16,20}(?![\w-])")
 
 
+@functools.lru_cache(maxsize=4096)  # a study's points share one report: scan it once
+def _kinds(text: str) -> frozenset[str]:
+    from indexer.deid import deidentify_text
+
+    return frozenset(r.kind for r in deidentify_text(_OWN_IDS.sub("[ID]", text), None, _policy()).redactions)
+
+
 def _scan_text(text: str | None, where: str, out: list[str], ignore: tuple[str, ...] = ()) -> None:
     """What the de-identification rules would still replace in ``text``, by kind (medrag's own
     opaque references and pseudonyms aside)."""
-    from indexer.deid import deidentify_text
-
     if not text:
         return
-    kinds = sorted({r.kind for r in deidentify_text(_OWN_IDS.sub("[ID]", text), None, _policy()).redactions}
-                   - set(ignore))
+    kinds = sorted(_kinds(text) - set(ignore))
     if kinds:
         out.append(f"{where}: {', '.join(kinds)}")
 

@@ -45,9 +45,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
     exclude = None
     if a.exclude_patient:  # the index holds the keyed pseudonym of the id the user types
         from indexer.deid import patient_pseudonym
-        from indexer.phi import PhiPolicy
 
-        exclude = patient_pseudonym(a.exclude_patient, PhiPolicy.from_env())
+        exclude = patient_pseudonym(a.exclude_patient)
     q = Query(k=a.k, anatomy=a.anatomy, finding=a.finding, finding_by=a.finding_by,
               include_uncertain=a.include_uncertain,
               modality=tuple(a.modality) if a.modality else None, exclude_patient_id=exclude)
