@@ -392,11 +392,8 @@ def _query(svc: Service, k: int, **kw: Any):
 
     if not 1 <= k <= svc.settings.max_k:
         raise ValueError(f"k must be between 1 and {svc.settings.max_k}")
-    return Query(k=k, **kw)
-
     if kw.get("exclude_patient_id"):  # the index holds pseudonyms only: a typed MRN is matched, never echoed
         from indexer.deid import patient_pseudonym
-        from indexer.phi import PhiPolicy
 
         kw["exclude_patient_id"] = patient_pseudonym(kw["exclude_patient_id"])
     return Query(k=k, **kw)
