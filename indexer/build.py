@@ -413,7 +413,8 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
     def skip(study: Study, message: str) -> None:
         seg.skipped.setdefault(key_of[id(study)], []).append(_hide_paths(message, study, manifest))
 
-    for batch in _batches([s for s, _ in chunk], manifest, batch_size, skip):
+    # a volumetric encoder (ct3d) decodes each manifest entry (a series folder) itself
+    for batch in _batches([s for s, _ in chunk], manifest, batch_size, skip, getattr(image_enc, "load_input", None)):
         has_img = np.array([img is not None for _, _, img, _ in batch])
         imgs = [img for _, _, img, _ in batch if img is not None]
         wanted = [(IMAGE, None)] + [(anatomy_space(a), a) for a in conditioning]
@@ -536,8 +537,9 @@ def _scatter(rows: np.ndarray, mask: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def _batches(studies: list[Study], manifest: str | Path, size: int,
-             skip: Callable[[Study, str], None]) -> Iterator[list[tuple[Study, str | None, np.ndarray | None, str | None]]]:
+def _batches(studies: list[Study], manifest: str | Path, size: int, skip: Callable[[Study, str], None],
+             loader: Callable[..., np.ndarray] | None = None,
+             ) -> Iterator[list[tuple[Study, str | None, np.ndarray | None, str | None]]]:
     """Yield (study, image path, pixels, view) points; report-only studies give one point.
 
     Images are decoded by ``DECODE_WORKERS`` threads up to ``DECODE_AHEAD`` batches ahead, so
@@ -549,7 +551,7 @@ def _batches(studies: list[Study], manifest: str | Path, size: int,
 
     def decode(rel: str) -> np.ndarray | ImageLoadError:
         try:
-            return load_image(manifest_image(manifest, rel), name=rel)
+            return (loader or load_image)(manifest_image(manifest, rel), name=rel)
         except ImageLoadError as exc:
             return exc
 

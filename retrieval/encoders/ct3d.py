@@ -294,13 +294,14 @@ def create_ct3d(checkpoint: str | Path | None = None, device: str = "cpu", tower
                 allow_random: bool = False, seed: int = 0, weights: str | Path | None = None,
                 **_: object) -> CT3DEncoder:
     """``tower="astra"``: the pretrained tower from ``weights`` (a local file) or the installed
-    extra; ``tower="tiny"`` (or ``allow_random`` without the extra): random, for tests.
+    extra; ``tower="tiny"`` or ``allow_random=True`` (a build's ``allow_random_init``): the tiny
+    random tower, for tests and baselines.
     ``checkpoint``: a head file written by :meth:`CT3DEncoder.save_head`."""
     import torch
 
     if tower not in ("astra", "tiny"):
         raise EncoderError(f"{FAMILY}: unknown tower {tower!r} (astra, tiny)")
-    if tower == "tiny":
+    if tower == "tiny" or allow_random:  # allow_random: a build's explicit "untrained baseline" switch
         torch.manual_seed(seed)
         cfg = CT3DConfig.tiny()
         enc = CT3DEncoder(cfg, build_tower(cfg), device, source=f"random:{seed}")
