@@ -4,7 +4,7 @@ The index, the encoders and the generator are opened once in the lifespan hook a
 every request (opening an encoder per request would cost seconds). Model and index calls are
 blocking, so handlers run them in worker threads with no global lock: concurrent searches are
 micro-batched into one index call and concurrent image encodes into one forward
-(:mod:`api.batching`); FAISS reads run unlocked, other engines (embedded Qdrant is not documented
+(:mod:`retrieval.batching`); FAISS reads run unlocked, other engines (embedded Qdrant is not documented
 thread-safe), the report tokenizer and drafting keep a lock of their own.
 
 Hot reload: a watcher polls the published version (:func:`retrieval.index.published_version`,
@@ -71,6 +71,7 @@ from api.schemas import (
 from api.settings import Settings
 from api.uploads import UploadError, decode
 from indexer.phi import stored_image_path
+from retrieval.batching import Batching
 from retrieval.imaging.paths import ImagePathError
 from retrieval.records import Label, Mention
 
@@ -99,16 +100,19 @@ class Service:
         self.generator: Any
         self.lock: threading.Lock
         self.index = open_index(settings.index)
+        # concurrent requests share engine calls and forwards: wrappers the searcher is built with
+        batching = Batching(max_batch=settings.batch_max, wait_s=settings.batch_wait_ms / 1000, adaptive=True)
         try:
             meta, old = self.index.meta, previous.index.meta if previous is not None else None
             if previous is not None and old is not None and (meta.image_encoder, meta.text_encoder) == \
                     (old.image_encoder, old.text_encoder):
-                self.searcher = Searcher(self.index, previous.searcher.image_encoder, previous.searcher.text_encoder)
+                self.searcher = Searcher(self.index, previous.searcher.image_encoder, previous.searcher.text_encoder,
+                                         batching=batching)
                 self.generator = previous.generator
                 self.lock = previous.lock
             else:
                 self.searcher = Searcher.for_index(self.index, device=settings.device,
-                                                   load_text=settings.load_text_encoder)
+                                                   load_text=settings.load_text_encoder, batching=batching)
                 self.generator = create_generator(settings.generator, model_dir=settings.generator_model_dir,
                                                   base_url=settings.generator_base_url, model=settings.generator_model,
                                                   api_key=settings.generator_api_key, device=settings.device)
@@ -247,7 +251,7 @@ def public_reason(reason: str | None) -> str | None:
 
 async def _blocking(svc: Service, fn):
     """Run a model/index call in a worker thread. No global lock: the searcher's index and image
-    encoder are wrapped by :mod:`api.batching` (concurrent searches share one engine call,
+    encoder are wrapped by :mod:`retrieval.batching` (concurrent searches share one engine call,
     encoder forwards are batched), FAISS reads are thread-safe and other engines are locked there."""
     return await anyio.to_thread.run_sync(fn)
 
@@ -378,13 +382,11 @@ def _one_at_a_time(svc: Service, fn):
 
 
 def _concurrent(svc: Service) -> None:
-    """Thread budgets and micro-batching for the shared searcher (call again after a reload
-    replaces ``svc.searcher``; it is idempotent)."""
-    from api.batching import install, set_thread_budgets
+    """Thread budgets for the shared searcher (micro-batching is built into it: :class:`Service`)."""
+    from api.batching import set_thread_budgets
 
     s = svc.settings
     set_thread_budgets(s.torch_threads, s.faiss_threads)
-    install(svc.searcher, max_batch=s.batch_max, wait_s=s.batch_wait_ms / 1000, adaptive=True)
 
 
 def _query(svc: Service, k: int, **kw: Any):

@@ -27,7 +27,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     load_text_encoder: bool = True  # report space (text queries); off saves memory
     torch_threads: int | None = None  # torch intra-op threads for encoders (None: torch's default)
     faiss_threads: int | None = None  # FAISS OpenMP threads per search call (None: FAISS's default)
-    batch_max: int = 32  # concurrent searches merged into one index call (api/batching.py)
+    batch_max: int = 32  # concurrent searches merged into one index call (retrieval/batching.py)
     reload_interval_s: float = 2.0  # poll for a newly published index version (0: never reload)
     reload_retry_s: float = 30.0  # a published version that failed to open is tried again this often
     reload_grace_s: float = 60.0  # a replaced version stays open this long for requests already on it

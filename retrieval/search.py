@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.batching import Batching
 from retrieval.encoders import EncoderError, encoder_from_description, is_joint
-from retrieval.encoders.base import FindingQueries, l2_normalise
+from retrieval.encoders.base import FindingQueries, ImageEncoder, TextEncoder, l2_normalise
 from retrieval.imaging.images import pixel_key
 from retrieval.index import (
     IMAGE,
@@ -90,20 +91,32 @@ class SearchResult:
 
 
 class Searcher:
-    def __init__(self, index: VectorIndex, image_encoder: Any = None, text_encoder: Any = None,
-                 taxonomy: Taxonomy | None = None) -> None:
+    """Answers queries against one index with the encoders it was built with.
+
+    ``batching`` (a server's concurrent callers): the index and encoders are wrapped here, once, in
+    :mod:`retrieval.batching` wrappers that satisfy the same protocols; nothing swaps them later.
+    """
+
+    def __init__(self, index: VectorIndex, image_encoder: ImageEncoder | None = None,
+                 text_encoder: TextEncoder | None = None, taxonomy: Taxonomy | None = None,
+                 batching: Batching | None = None) -> None:
+        if batching is not None:
+            index = batching.index(index)
+            image_encoder = batching.image_encoder(image_encoder)
+            text_encoder = batching.text_encoder(text_encoder)
         self.index = index
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.tax = taxonomy or default_taxonomy()
 
     @classmethod
-    def for_index(cls, index: VectorIndex, device: str = "cpu", load_text: bool = True) -> Searcher:
+    def for_index(cls, index: VectorIndex, device: str = "cpu", load_text: bool = True,
+                  batching: Batching | None = None) -> Searcher:
         """Recreate the encoders the index was built with (from its metadata)."""
         meta = index.meta
         image = encoder_from_description(meta.image_encoder, device) if meta.image_encoder else None
         text = encoder_from_description(meta.text_encoder, device) if (meta.text_encoder and load_text) else None
-        return cls(index, image, text)
+        return cls(index, image, text, batching=batching)
 
     # ---- query kinds -----------------------------------------------------------------------
     def by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
@@ -130,12 +143,13 @@ class Searcher:
     def by_text(self, text: str, q: Query) -> SearchResult:
         """Text -> image; needs a joint (CLIP-style) image encoder."""
         self._image_query_only(q)
-        if not is_joint(self.image_encoder):
+        enc = self.image_encoder
+        if not is_joint(enc):
             raise SearchError("text->image search needs a joint image-text encoder (open_clip, hf CLIP); "
                               f"this index was built with {self.index.meta.image_encoder}")
         if q.anatomy:
             raise SearchError("anatomy conditioning applies to image queries; use finding= to filter text queries")
-        vec = self._mean(self.image_encoder.encode_texts([text]))
+        vec = self._mean(enc.encode_texts([text]))
         return self._run("text->image", IMAGE, vec, q, conditioned=False)
 
     def reports_by_text(self, text: str, q: Query) -> SearchResult:
@@ -148,9 +162,10 @@ class Searcher:
 
     def reports_by_image(self, images: Sequence[np.ndarray], q: Query) -> SearchResult:
         """Image -> report: cross-modal when the encoder is joint, else via similar images."""
-        if REPORT_JOINT in self.index.meta.spaces and is_joint(self.image_encoder):
+        enc = self.image_encoder
+        if REPORT_JOINT in self.index.meta.spaces and is_joint(enc):
             self._image_query_only(q)  # the report space carries no image reading of findings
-            vec = self._mean(self.image_encoder.encode_images(list(images)))
+            vec = self._mean(enc.encode_images(list(images)))
             return self._run("image->report", REPORT_JOINT, vec, _replace(q, anatomy=None), conditioned=False)
         res = self.by_image(images, q)
         return SearchResult("image->report(via similar images)", res.space, res.conditioning, res.filter,

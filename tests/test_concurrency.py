@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from api.batching import BatchingEncoder, BatchingIndex, ThreadBatcher, install
-from retrieval.index import SearchFilter, open_index
+from retrieval.batching import Batching, BatchingEncoder, BatchingIndex, ThreadBatcher
+from retrieval.encoders.base import FindingQueries, ImageEncoder, is_joint
+from retrieval.index import SearchFilter, VectorIndex, open_index
 from retrieval.search import Query, Searcher
 
 from .conftest import synthetic_cxr
@@ -19,8 +20,8 @@ from .conftest import synthetic_cxr
 def searchers(small_index):
     index = open_index(small_index[1])
     serial = Searcher.for_index(index, load_text=False)
-    batched = Searcher(index, serial.image_encoder, None)
-    install(batched, max_batch=64, wait_s=0.05)  # a long wait: threads started together share batches
+    # a long wait: threads started together share batches
+    batched = Searcher(index, serial.image_encoder, None, batching=Batching(max_batch=64, wait_s=0.05))
     yield serial, batched
     index.close()
 
@@ -136,3 +137,24 @@ def test_batching_index_passes_multi_row_queries_through(small_index):
         assert wrapped.batcher.items == 0 and len(wrapped) == len(index)
     finally:
         index.close()
+
+
+def test_the_wrappers_satisfy_the_protocols_they_wrap(searchers):
+    """Composition, not patching: the Searcher is built with wrappers that are what they wrap
+    (an index, an image encoder with the same abilities), and forward nothing implicitly."""
+    serial, batched = searchers
+    inner = serial.image_encoder
+    enc = batched.image_encoder
+    assert isinstance(batched.index, BatchingIndex) and isinstance(batched.index, VectorIndex)
+    assert batched.index.inner is serial.index and serial.index.concurrent_reads  # FAISS: no engine lock
+    assert isinstance(enc, BatchingEncoder) and isinstance(enc, ImageEncoder) and enc.inner is inner
+    assert is_joint(enc) == is_joint(inner)
+    assert isinstance(enc, FindingQueries) == isinstance(inner, FindingQueries)
+    assert hasattr(enc, "attention_maps") == hasattr(inner, "attention_maps")
+    assert not any("__getattr__" in vars(c) for c in type(enc).__mro__ + type(batched.index).__mro__)
+    assert (enc.name, enc.dim, enc.describe()) == (inner.name, inner.dim, inner.describe())
+    # a hot reload builds a new Searcher with the previous one's encoders: not wrapped twice
+    again = Searcher(serial.index, enc, None, batching=Batching())
+    assert again.image_encoder is enc and isinstance(again.index, BatchingIndex)
+    with pytest.raises(AttributeError):
+        enc.not_an_encoder_method  # noqa: B018

@@ -8,7 +8,7 @@ every index backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
@@ -70,6 +70,11 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def is_joint(encoder: object) -> bool:
+@runtime_checkable
+class JointEncoder(ImageEncoder, TextEncoder, Protocol):
+    """Images and texts into one space (CLIP-style): text->image search."""
+
+
+def is_joint(encoder: object) -> TypeGuard[JointEncoder]:
     """True when one object embeds images and texts into the same space (CLIP-style)."""
     return isinstance(encoder, ImageEncoder) and isinstance(encoder, TextEncoder)

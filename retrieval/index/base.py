@@ -139,6 +139,7 @@ class SearchRequest:
 class VectorIndex(Protocol):
     uri: str
     meta: IndexMeta
+    concurrent_reads: bool  # search/find/vectors may be called from several threads at once
 
     def __len__(self) -> int: ...
 

@@ -271,6 +271,8 @@ class FaissWriter:
 
 
 class FaissIndex:
+    concurrent_reads = True  # FAISS searches are thread-safe for reads
+
     def __init__(self, root: Path, uri: str, gpu: bool = False) -> None:
         faiss = _faiss()
         self.uri = uri

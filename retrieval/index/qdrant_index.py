@@ -160,6 +160,7 @@ class _QdrantReader:
 
     meta: IndexMeta
     uri: str
+    concurrent_reads = False  # embedded Qdrant is not documented thread-safe for concurrent calls
 
     def _check(self, space: str, queries: np.ndarray) -> np.ndarray:
         if space not in self.meta.spaces:
