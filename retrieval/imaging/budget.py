@@ -253,11 +253,18 @@ def check_deflated(data: bytes, offset: int, label: str, budget: DecodeBudget = 
     del out
 
 
+def as_int(value: Any, default: int = 0) -> int:
+    """Integer of a DICOM IS/US value; ``default`` for missing or malformed ("1A") values (here, not
+    in :mod:`retrieval.imaging.dicom`, which imports this module: no import cycle)."""
+    try:
+        return int(str(value).strip()) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
 def dicom_size(ds: Any) -> Declared:
     """Declared size from the header; for encapsulated pixel data, the largest frame codestream."""
-    from pydicom.encaps import generate_frames
-
-    from retrieval.imaging.dicom import as_int
+    from pydicom.encaps import generate_frames  # pydicom: heavy, only for DICOM uploads and builds
 
     get = ds.get
     rows, cols = as_int(get("Rows")), as_int(get("Columns"))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.imaging import budget as _budget
-from retrieval.imaging.budget import BudgetExceeded, DecodeBudget
+from retrieval.imaging.budget import BudgetExceeded, DecodeBudget, as_int
 
 MAX_PIXELS = 64_000_000  # rows * columns * frames refused above this (hostile or broken headers)
 
@@ -123,14 +123,6 @@ def _decode(ds: Any, label: str) -> DicomImage:
     if out.ndim != 2:
         raise DicomDecodeError(f"{label}: unexpected decoded shape {out.shape}")
     return DicomImage(out.astype(np.float32), _header(ds))
-
-
-def as_int(value: Any, default: int = 0) -> int:
-    """Integer of a DICOM IS/US value; ``default`` for missing or malformed ("1A") values."""
-    try:
-        return int(str(value).strip()) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
 
 
 def is_dicom(head: bytes) -> bool:
