@@ -127,7 +127,8 @@ def test_a_folder_of_series_builds_and_a_study_queries_by_id(tmp_path: Path) -> 
     assert rep.studies == 3 and rep.points == 3 and not rep.skipped
     index = open_index(uri)
     try:
-        assert index.meta.image_encoder["tower"] == "tiny"
+        described = index.meta.image_encoder
+        assert described is not None and described["tower"] == "tiny"
         assert {anatomy_space(a) for a in ANATOMIES[1:]} <= set(index.meta.spaces)
         ids = {h.payload.study_id: h.id for h in index.find(SearchFilter(), limit=10)}
         for space in (IMAGE, anatomy_space("left lung")):

@@ -16,6 +16,7 @@ Retrieval *quality* on CT is not measured: there are no labelled volumes here.
 
     .venv/bin/python scripts/bench/ct_bench.py timing
     .venv/bin/python scripts/bench/ct_bench.py sanity --tower astra --previews /tmp/ct_previews
+    .venv/bin/python scripts/bench/ct_bench.py quality --manifest ct_rate_val.jsonl --json ct_quality.json
 """
 
 from __future__ import annotations
@@ -231,16 +232,63 @@ def previews(enc: object, inputs: list[np.ndarray], slabs: list[dict[str, object
     return [str(path)]
 
 
+def quality(args: argparse.Namespace) -> dict[str, object]:
+    """RadIR-style retrieval quality (eval/retrieval.py's metrics: Recall/NDCG/RateScore per
+    anatomy against report-mined similarity) on a manifest of CT studies with reports: each
+    study's ``images[0]`` a series folder. Not run here: no labelled volumes exist on this machine."""
+    from dataclasses import asdict
+
+    from eval.retrieval import EvalConfig, evaluate
+    from indexer.manifest import read_manifest
+    from retrieval.encoders import create_encoder
+    from retrieval.encoders.base import l2_normalise
+    from retrieval.imaging import ImageLoadError, manifest_image
+
+    anatomies = ("lung", "left lung", "right lung", "heart", "mediastinum")
+    enc = create_encoder("ct3d", tower=args.tower)
+    conds: list[str | None] = [None, *anatomies]
+    vecs: dict[str | None, list[np.ndarray]] = {a: [] for a in conds}
+    raw: list[np.ndarray] = []
+    reports: list[str | None] = []
+    skipped = 0
+    for study in read_manifest(args.manifest):
+        if not study.report or not study.images:
+            continue
+        try:
+            x = enc.load_input(manifest_image(args.manifest, study.images[0]))
+        except ImageLoadError as exc:
+            skipped += 1
+            print(f"skipped {study.study_id}: {exc}", file=sys.stderr)
+            continue
+        for a, v in enc.encode_conditions([x], conds).items():
+            vecs[a].append(v[0])
+        raw.append(x[::8, ::8, ::4].reshape(-1))
+        reports.append(study.report)
+    stacked = {a: np.stack(v) for a, v in vecs.items()}
+    raw_v = l2_normalise(np.stack([np.resize(r, max(len(q) for q in raw)) for r in raw]))
+    methods = {"ct3d": lambda setting: stacked[setting if setting in stacked else None],
+               "raw voxels": lambda _setting: raw_v}
+    results = evaluate(reports, methods, EvalConfig(anatomies=anatomies, max_queries=args.max_queries))
+    out = {"manifest": str(args.manifest), "studies": len(reports), "skipped": skipped,
+           "settings": [asdict(r) for r in results]}
+    for r in results:
+        for name, m in r.methods.items():
+            print(r.setting, name, json.dumps({"queries": r.queries, "recall": m.recall, "ndcg": m.ndcg}))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["timing", "sanity"])
+    ap.add_argument("what", choices=["timing", "sanity", "quality"])
+    ap.add_argument("--manifest", help="quality: CT studies with reports, images[0] a series folder")
+    ap.add_argument("--max-queries", type=int)
     ap.add_argument("--tower", default="astra")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slab", type=int, default=5, help="slices per slab (sanity)")
     ap.add_argument("--previews", help="folder for preview PNGs (sanity)")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args()
-    res = timing(args) if args.what == "timing" else sanity(args)
+    res = {"timing": timing, "sanity": sanity, "quality": quality}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 
