@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from retrieval.imaging import budget as _budget
-from retrieval.imaging.budget import BudgetExceeded, DecodeBudget
-from retrieval.imaging.dicom import DicomDecodeError, _dcmread, as_int
+from retrieval.imaging.budget import BudgetExceeded, DecodeBudget, as_int
+from retrieval.imaging.dicom import DicomDecodeError, _dcmread
 from retrieval.imaging.images import ImageLoadError, ImageTooLarge
 
 ORIENTATION = "RAS"  # array axes [x, y, z] grow toward the patient's Right, Anterior, Superior
