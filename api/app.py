@@ -206,7 +206,7 @@ class Service:
     def attention_png(self, study_id: str, n: int, anatomy: str) -> bytes:
         from retrieval.imaging.overlay import overlay_png
 
-        enc = self.searcher.image_encoder
+        enc: Any = self.searcher.image_encoder  # attention maps: an ability of some encoders (medrag-native)
         if not hasattr(enc, "attention_maps"):
             raise NotFound("this index's image encoder has no attention to show (medrag-native has)")
         name = self.tax.anatomy(anatomy).name  # unknown names -> 400 with suggestions

@@ -272,8 +272,8 @@ class _AttentionMaps:
 
     inner: Any
 
-    def attention_maps(self, images: Sequence[np.ndarray], anatomy: str) -> list[np.ndarray]:
-        return list(self.inner.attention_maps(images, anatomy=anatomy))
+    def attention_maps(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
+        return np.asarray(self.inner.attention_maps(images, anatomy=anatomy))
 
 
 _CLASSES: dict[tuple[bool, bool, bool], type[BatchingEncoder]] = {}

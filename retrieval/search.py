@@ -24,9 +24,10 @@ study is always excluded, and the query patient's other studies optionally.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
+import msgspec
 import numpy as np
 
 from retrieval.batching import Batching
@@ -45,6 +46,8 @@ from retrieval.index import (
 from retrieval.records import ABSENT, Label, Mention, Payload
 from retrieval.taxonomy import Taxonomy, default_taxonomy
 
+FindingBy = Literal["report", "image"]  # who states a query's finding: the reports, or the image itself
+
 
 class SearchError(ValueError):
     """A query that cannot be answered as asked (clear, user-facing)."""
@@ -57,7 +60,7 @@ class Query:
     finding: str | None = None
     modality: tuple[str, ...] | None = None
     include_uncertain: bool = False  # hedged findings ("possible effusion") pass the filter
-    finding_by: str = "report"  # "report": filter by what reports state; "image": ask it of the pixels
+    finding_by: FindingBy = "report"  # "report": filter by what reports state; "image": ask it of the pixels
     exclude_study_id: str | None = None
     exclude_patient_id: str | None = None
     date_from: str | None = None
@@ -301,16 +304,12 @@ def _by_study(points: list[Hit], k: int) -> list[tuple[Hit, int]]:
 
 
 def _replace(q: Query, **kw: Any) -> Query:
-    from dataclasses import replace
-
     return replace(q, **kw)
 
 
 def _builtins(flt: SearchFilter) -> dict[str, Any]:
-    import msgspec
-
     out: dict[str, Any] = msgspec.to_builtins(flt)
     return out
 
 
-__all__ = ["CaseHit", "EncoderError", "Query", "SearchError", "SearchResult", "Searcher"]
+__all__ = ["CaseHit", "EncoderError", "FindingBy", "Query", "SearchError", "SearchResult", "Searcher"]
