@@ -89,6 +89,19 @@ class BuildReport:
     reused: int = 0  # studies whose vectors came from earlier (possibly killed) runs
     segments_written: int = 0
     quarantined: list[str] = field(default_factory=list)  # damaged segments moved aside and re-encoded
+    removed: list[str] = field(default_factory=list)  # study ids the previous version served and this one does not
+
+
+class RemovalRefused(ManifestError):
+    """A build would publish without studies the served version has (an image file disappeared,
+    a study left the manifest); nothing was published. ``--allow-removals`` lets it."""
+
+    def __init__(self, removed: list[str]) -> None:
+        self.removed = removed
+        names = ", ".join(removed[:10]) + (f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+        super().__init__(f"this build would remove {len(removed)} studies the index serves now ({names}): their "
+                         "images are gone or unreadable, or they left the manifest; nothing was published "
+                         "(rerun with --allow-removals to remove them)")
 
 
 def payload_for(study: Study, image: str | None, view: str | None, tax: Taxonomy,
@@ -185,11 +198,15 @@ def writer_state(uri: str, work_dir: str | Path | None = None) -> Iterator[Path]
 
 def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool = True,
                 work_dir: str | Path | None = None, segment_size: int = 256, engine: str = "local",
-                address: str | None = None, workers: int | None = None) -> BuildReport:
+                address: str | None = None, workers: int | None = None,
+                allow_removals: bool = False) -> BuildReport:
     """Encode what is not encoded yet (resumable), assemble, publish atomically.
 
     A rerun after a crash or SIGKILL skips every finished segment; a changed manifest encodes
-    only new or changed studies. One build per index at a time (lock).
+    only new or changed studies. One build per index at a time (lock). A build that would serve
+    fewer studies than the published version (an image gone, a study out of the manifest) raises
+    :class:`RemovalRefused` naming them and publishes nothing, unless ``allow_removals``; the
+    report lists what was removed either way.
     """
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
@@ -198,13 +215,15 @@ def build_index(manifest: str | Path, uri: str, cfg: BuildConfig, progress: bool
         studies = list(read_manifest(manifest, errors=errors))
         report.skipped.extend(errors)
         _build(studies, manifest, uri, cfg, state, report, progress, segment_size,
-               engine={"engine": engine, "address": address, "workers": workers})
+               engine={"engine": engine, "address": address, "workers": workers}, allow_removals=allow_removals)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir: str | Path | None = None) -> BuildReport:
-    """Add (or replace, by study id) the studies of ``manifest`` in a published index."""
+def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir: str | Path | None = None,
+                allow_removals: bool = False) -> BuildReport:
+    """Add (or replace, by study id) the studies of ``manifest`` in a published index (a replaced
+    study whose images are now unreadable is a removal: see :func:`build_index`)."""
     t0 = time.perf_counter()
     report = BuildReport(uri=uri)
     with writer_state(uri, work_dir) as state:
@@ -216,7 +235,7 @@ def add_studies(manifest: str | Path, uri: str, progress: bool = True, work_dir:
         merged = [s for s in current if s.study_id not in ids] + new
         pending = _private(uri) / "pending.jsonl"
         write_manifest(pending, merged)
-        _build(merged, pending, uri, cfg, state, report, progress, 256)
+        _build(merged, pending, uri, cfg, state, report, progress, 256, allow_removals=allow_removals)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -235,7 +254,7 @@ def delete_studies(uri: str, study_ids: list[str], work_dir: str | Path | None =
             raise ManifestError("deleting every study would leave an empty index")
         pending = _private(uri) / "pending.jsonl"
         write_manifest(pending, kept)
-        _build(kept, pending, uri, cfg, state, report, False, 256)
+        _build(kept, pending, uri, cfg, state, report, False, 256, allow_removals=set(study_ids))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -249,7 +268,7 @@ def rebuild_locked(uri: str, state: Path, progress: bool = False) -> BuildReport
     cfg, current = _published(state, uri)
     pending = _private(uri) / "pending.jsonl"
     write_manifest(pending, current)
-    _build(current, pending, uri, cfg, state, report, progress, 256)
+    _build(current, pending, uri, cfg, state, report, progress, 256, allow_removals=True)  # report.removed says
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -287,8 +306,10 @@ def _encoders_fingerprint(cfg: BuildConfig, image_enc: Any, text_enc: Any, condi
 
 
 def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfig, state: Path,
-           report: BuildReport, progress: bool, segment_size: int, engine: dict[str, Any] | None = None) -> None:
+           report: BuildReport, progress: bool, segment_size: int, engine: dict[str, Any] | None = None,
+           allow_removals: bool | set[str] = False) -> None:
     studies = [_deidentified(s) for s in studies]  # what is recorded, keyed and encoded: never raw
+    served = _served_ids(uri)
     tax = default_taxonomy()
     extractor = EntityExtractor(tax)
     image_enc = create_encoder(cfg.encoder, checkpoint=cfg.checkpoint, device=cfg.device,
@@ -340,9 +361,11 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
 
     run(todo)
     skipped_before = list(report.skipped)
+    published: set[str] = set()
     for _ in range(MAX_REPAIRS + 1):
         try:
-            _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report)
+            published = _assemble(studies, keys, done, store, uri, spaces, meta, cfg, image_root, report,
+                                  served, allow_removals)
             break
         except CorruptSegment as exc:  # found damaged while assembling: move it aside, encode again
             if len(report.quarantined) >= MAX_REPAIRS:
@@ -356,7 +379,7 @@ def _build(studies: list[Study], manifest: str | Path, uri: str, cfg: BuildConfi
             report.studies = report.points = report.images = report.reports = 0
             report.skipped = list(skipped_before)  # _assemble adds the segments' skip messages again
             run([(s, k) for s, k in zip(studies, keys, strict=True) if k in lost])
-    _record(state, manifest, studies, cfg, uri)
+    _record(state, manifest, studies, cfg, uri, published)
     live = {done[k] for k in keys if k in done}
     for f in store.files():  # segments holding only deleted or changed studies
         if f not in live:
@@ -447,8 +470,14 @@ def _encode_segment(chunk: list[tuple[Study, str]], manifest: str | Path, image_
 
 def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], store: SegmentStore, uri: str,
               spaces: dict[str, int], meta: IndexMeta, cfg: BuildConfig, image_root: Path,
-              report: BuildReport) -> None:
-    """Write every study's points, in manifest order, into a new version; publish it.
+              report: BuildReport, served: set[str] | None = None,
+              allow_removals: bool | set[str] = True) -> set[str]:
+    """Write every study's points, in manifest order, into a new version; publish it. Returns
+    the ids of the studies published (with at least one point).
+
+    Before the commit, studies of ``served`` (the version readers see now) missing from the new
+    one go to ``report.removed``; any not allowed by ``allow_removals`` (True: all, a set: those)
+    abort the version with :class:`RemovalRefused`.
 
     Segments are loaded when first needed and dropped after their last study, so memory holds
     a few segments plus what the index writer keeps, not every encoded vector at once.
@@ -470,6 +499,7 @@ def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], stor
         buf: list[tuple[Segment, int]] = []
         next_id = 0
         seen: set[str] = set()
+        published: set[str] = set()
         for pos, (study, key) in enumerate(zip(studies, keys, strict=True)):
             if key in seen:
                 continue
@@ -481,6 +511,7 @@ def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], stor
             if points:
                 report.studies += 1
                 report.reports += int(bool(study.report))
+                published.add(study.study_id)
             if len(buf) >= 1024:
                 next_id = _flush(writer, buf, next_id, spaces, image_root, report)
                 buf = []
@@ -490,10 +521,15 @@ def _assemble(studies: list[Study], keys: list[str], done: dict[str, Path], stor
             next_id = _flush(writer, buf, next_id, spaces, image_root, report)
         if report.points == 0:
             raise ManifestError(f"nothing to index ({len(report.skipped)} skipped)")
+        report.removed = sorted((served or set()) - published)
+        refused = [s for s in report.removed if allow_removals is not True and s not in (allow_removals or ())]
+        if refused:
+            raise RemovalRefused(refused)
         report.version = writer.commit()
     except BaseException:
         writer.abort()
         raise
+    return published
 
 
 def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[str, int], image_root: Path,
@@ -516,12 +552,36 @@ def _flush(writer: Any, buf: list[tuple[Any, int]], next_id: int, spaces: dict[s
     return next_id + len(buf)
 
 
-def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig, uri: str) -> None:
+def _served_ids(uri: str) -> set[str]:
+    """Study ids of the version readers see now: the build record's list, or (an index built
+    before the list was kept) its payloads; empty for a first build."""
+    rec = private_dir_for(uri) / "published_ids.json"
+    if rec.is_file():
+        return set(json.loads(rec.read_text()))
+    from retrieval.index import IndexError_, open_index, published_version
+
+    try:
+        if published_version(uri) is None:
+            return set()
+        ix = open_index(uri)
+    except (IndexError_, OSError, ValueError):
+        return set()
+    try:
+        n = len(ix)
+        return {p.study_id for i in range(0, n, 4096) for p in ix.payloads(range(i, min(n, i + 4096)))}
+    finally:
+        ix.close()
+
+
+def _record(state: Path, manifest: str | Path, studies: list[Study], cfg: BuildConfig, uri: str,
+            published: set[str] | None = None) -> None:
     """What the published version holds, for later add/delete: the studies with their absolute
     image paths (source paths name patients) and the manifest's path go to the private state
     (:func:`private_dir_for`); the build state beside the index keeps only the configuration."""
     private = _private(uri)
     write_manifest(private / "published.jsonl", [_absolute(s, manifest) for s in studies])
+    if published is not None:  # what the version serves: the next build's removal check
+        atomic_write_bytes(private / "published_ids.json", json.dumps(sorted(published)).encode())
     atomic_write_bytes(private / "source.json", json.dumps(
         {"uri": uri, "manifest": str(Path(manifest).resolve())}, indent=1).encode())
     atomic_write_bytes(state / "published.json", json.dumps({"config": asdict(cfg)}, indent=1).encode())

@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--work-dir", help="segments, lock and build record (default: <index>/.build)")
     b.add_argument("--segment-size", type=int, default=256, help="studies per resumable segment")
     b.add_argument("--random-init", action="store_true", help="untrained medrag-native (baselines, tests)")
+    b.add_argument("--allow-removals", action="store_true",
+                   help="publish even if studies the index serves now would go (an image file disappeared, a "
+                        "study left the manifest); without it such a build names them and publishes nothing")
     b.set_defaults(func=_cmd_build)
     ad = idx.add_parser("add", help="add or replace studies (by id) in a published index, encoding only those")
     ad.add_argument("manifest")
@@ -86,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ad.add_argument("--work-dir")
     ad.add_argument("--no-progress", action="store_true")
     ad.add_argument("--json", action="store_true")
+    ad.add_argument("--allow-removals", action="store_true",
+                    help="publish even if a replaced study's images are now unreadable (it leaves the index)")
     ad.set_defaults(func=_cmd_add)
     de = idx.add_parser("delete", help="publish a new version without the given studies")
     de.add_argument("--index", required=True)
@@ -120,12 +125,20 @@ def _finish_manifest(result, out: str) -> int:
     from indexer.manifest import write_manifest
 
     n = write_manifest(out, result.studies)
-    print(f"wrote {n} studies to {out}; skipped {len(result.skipped)}; warnings {len(result.warnings)}")
+    images = sum(len(s.images) for s in result.studies)
+    with_report = sum(len(s.images) for s in result.studies if s.report)
+    listed = " (listed below)" if result.skipped else ""
+    print(f"wrote {n} studies to {out}: {images} images, {with_report} with a report, "
+          f"{len(result.skipped)} skipped{listed}; warnings {len(result.warnings)}")
+    log = [f"{kind}: {s}" for kind, items in (("skipped", result.skipped), ("warning", result.warnings))
+           for s in items]
+    if len(result.skipped) > 50 or len(result.warnings) > 50:  # every name kept, the console spared
+        Path(f"{out}.log").write_text("".join(f"{line}\n" for line in log), encoding="utf-8")
     for kind, items in (("skipped", result.skipped), ("warning", result.warnings)):
         for s in items[:50]:
             print(f"  {kind}: {s}")
         if len(items) > 50:
-            print(f"  ... and {len(items) - 50} more")
+            print(f"  ... and {len(items) - 50} more {kind} (all listed in {out}.log)")
     return 0 if n else EXIT_USAGE
 
 
@@ -166,7 +179,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
     if not Path(a.manifest).is_file():
         raise FileNotFoundError(f"manifest {a.manifest} not found")
     rep = build_index(a.manifest, a.index, cfg, progress=not a.no_progress, work_dir=a.work_dir,
-                      segment_size=a.segment_size, engine=a.engine, address=a.address, workers=a.workers)
+                      segment_size=a.segment_size, engine=a.engine, address=a.address, workers=a.workers,
+                      allow_removals=a.allow_removals)
     return _print_build(rep, a.json)
 
 
@@ -179,13 +193,19 @@ def _print_build(rep, as_json: bool) -> int:
           f"{rep.reused} studies reused from earlier runs, {rep.segments_written} segments encoded")
     for s in rep.skipped[:50]:
         print(f"  skipped: {s}")
+    if len(rep.skipped) > 50:
+        print(f"  ... and {len(rep.skipped) - 50} more skipped")
+    if rep.removed:
+        print(f"removed {len(rep.removed)} studies the previous version served: {', '.join(rep.removed[:50])}"
+              + (f" and {len(rep.removed) - 50} more" if len(rep.removed) > 50 else ""))
     return 0
 
 
 def _cmd_add(a: argparse.Namespace) -> int:
     from indexer.build import add_studies
 
-    return _print_build(add_studies(a.manifest, a.index, progress=not a.no_progress, work_dir=a.work_dir), a.json)
+    return _print_build(add_studies(a.manifest, a.index, progress=not a.no_progress, work_dir=a.work_dir,
+                                    allow_removals=a.allow_removals), a.json)
 
 
 def _cmd_delete(a: argparse.Namespace) -> int:

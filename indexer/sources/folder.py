@@ -4,6 +4,11 @@ CSV columns: ``study_id`` and ``report`` (required); ``images`` (``;``-separated
 to the folder), ``patient_id``, ``study_date``, ``modality``, ``view`` (optional). Without an
 ``images`` column, a study's images are the files named ``<study_id>.<ext>`` or
 ``<study_id>_*.<ext>``, or every image in the sub-folder ``<study_id>/``.
+
+Nothing is dropped in silence: every image of the folder becomes a study. An image no row claims
+is a study of its own without a report (its id is its path below the folder without the
+extension) and is listed by name in :attr:`SourceResult.warnings`; a row whose images are not in
+the folder is listed by name in :attr:`SourceResult.skipped`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ def from_folder(folder: str | Path, reports_csv: str | Path, manifest_path: str 
     folder = Path(folder)
     out = SourceResult()
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file())
+    claimed: set[Path] = set()
     with open(reports_csv, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or ())
@@ -41,8 +47,9 @@ def from_folder(folder: str | Path, reports_csv: str | Path, manifest_path: str 
                 if not p.is_file():
                     out.skipped.append(f"{p}: image listed for study {sid} not found")
             if not found:
-                out.skipped.append(f"study {sid}: no image found")
+                out.skipped.append(f"study {sid} ({reports_csv}:{n}): no image of it in {folder}")
                 continue
+            claimed.update(p.resolve() for p in found)
             report = (row.get("report") or "").strip() or None
             out.studies.append(Study(
                 study_id=sid,
@@ -53,4 +60,16 @@ def from_folder(folder: str | Path, reports_csv: str | Path, manifest_path: str 
                 modality=(row.get("modality") or "").strip() or None,
                 view=[v for v in (row.get("view") or "").split(";") if v] or None,
             ))
+    taken = {s.study_id for s in out.studies}
+    for p in files:  # every image no row claims: a study of its own, without a report, listed
+        if p.resolve() in claimed:
+            continue
+        rel = p.relative_to(folder)
+        sid = rel.with_suffix("").as_posix()
+        if sid in taken:
+            sid = rel.as_posix()
+        taken.add(sid)
+        out.studies.append(Study(study_id=sid, images=[relative_to_manifest(manifest_path, p)]))
+        out.warnings.append(f"{rel.as_posix()}: no row in {Path(reports_csv).name}; indexed as study {sid} "
+                            "without a report")
     return out
