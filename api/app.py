@@ -584,7 +584,7 @@ async def draft(state: State, data: MultipartBody[DraftForm]) -> DraftOut:
         return [DraftSentenceOut(s.text, list(s.citations)) for s in items]
 
     return DraftOut(d.generator, d.disclaimer, sents(d.findings), sents(d.interval_changes), sents(d.impression),
-                    d.cases_used, d.render())
+                    d.cases_used, d.render(), d.status, d.reason)
 
 
 # ---- errors and logging ----------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class DraftOut(msgspec.Struct, frozen=True):
     impression: list[DraftSentenceOut]
     cases_used: list[dict[str, Any]]
     text: str  # the rendered draft, citations inline
+    status: str = "drafted"  # drafted | nothing_to_draft
+    reason: str | None = None  # why there is nothing to draft (status nothing_to_draft)
 
 
 class Health(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     decode_memory_bytes: int = 1024 * 1024 * 1024  # working memory of all decodes at once (process-wide)
     max_k: int = 100
     thumbnail_px: int = 256
-    generator: str = "extractive"  # extractive | vlm | http
+    generator: str = "structured"  # structured | extractive | edit | vlm | http
     generator_model_dir: str | None = None
     generator_base_url: str | None = None
     generator_model: str | None = None

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from indexer.manifest import read_manifest
+from indexer.reading import fit_reading
 from retrieval.encoders.native import (
     GLOBAL,
     NORMAL,
@@ -52,6 +53,7 @@ from retrieval.encoders.native import (
     tower_stage_modules,
 )
 from retrieval.encoders.preprocess import resize
+from retrieval.encoders.reading import LabelCalibration, ReadingCalibration
 from retrieval.encoders.towers import TOWERS, inference_copy, run_tower
 from retrieval.imaging.images import ImageLoadError, load_image
 from retrieval.imaging.paths import manifest_image
@@ -405,8 +407,9 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     if bar is not None:
         bar.close()
     model.eval()
+    reading = None
     if model.probe is not None:
-        fit_probe(model, data, cfg, cached_tokens, train_mask)
+        reading = fit_probe(model, data, cfg, cached_tokens, train_mask)
     enc = NativeEncoder(ncfg, model.cpu(), "cpu")
     extra: dict[str, Any] = {"trained": {"manifest": str(manifest), "epochs": cfg.epochs, "seed": cfg.seed,
                                          "studies": len(data.studies), "supervision":
@@ -421,12 +424,15 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
 
         save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()},
                   str(out / "checkpoint" / "text_proj.safetensors"))
+    if reading is not None:
+        reading.save(out / "checkpoint")  # drafting's present/uncertain/absent thresholds
     atomic_write_text(out / "train_log.json", json.dumps(history, indent=1))
     plot_curve(history, out / "training_curve.png")
     return TrainResult(str(out / "checkpoint"), cfg.epochs - start_epoch, history, time.perf_counter() - t0)
 
 
-def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any, train_mask: np.ndarray) -> None:
+def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any,
+              train_mask: np.ndarray) -> ReadingCalibration:
     """Fit the linear probe (one class-balanced, L2-regularised logistic regression per label on
     standardised pooled tower features of the clean training images, at ``image_size`` and each
     of ``probe_sizes``) into ``model.probe``.
@@ -434,7 +440,12 @@ def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any, tra
     scikit-learn's lbfgs logistic regression, not SGD in the loop: with 400 images and 1,280
     features the strength of the regulariser decides everything, and C was chosen by 5-fold
     patient cross-validation (README, "Real chest X-rays"). A label with one class only in the
-    training images gets a constant logit (its training rate)."""
+    training images gets a constant logit (its training rate).
+
+    Returns the reading's calibration (:mod:`indexer.reading`): the probe refitted in
+    patient-grouped folds of the same training images gives out-of-fold logits, from which each
+    label's calibration, drafting thresholds and noise are chosen; nothing outside
+    ``train_mask`` is seen."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -462,6 +473,46 @@ def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any, tra
         probe.scale.copy_(torch.from_numpy(np.maximum(scaler.scale_, 1e-6).astype(np.float32)))
         probe.linear.weight.copy_(torch.from_numpy(weight))
         probe.linear.bias.copy_(torch.from_numpy(bias))
+    owners = data.owner[train_mask]
+    groups = [data.studies[i].patient_id or data.studies[i].study_id for i in owners]
+    keys = tuple(model_probe_labels(data))
+    images = {cfg.image_size: data.images[train_mask], **{side: data.probe_images[side][train_mask]
+                                                          for side in cfg.probe_sizes}}
+    return fit_reading(x, y, groups, keys, cfg.probe_c, seed=cfg.seed,
+                       noise=lambda cals: _reading_noise(model, images, cfg, cals))
+
+
+def model_probe_labels(data: _Data) -> list[str]:
+    """The probe's label keys, in column order (the checkpoint's ``probe_labels``)."""
+    return [*data.label_keys, NORMAL]
+
+
+def _reading_noise(model: Any, images: dict[int, np.ndarray], cfg: TrainConfig,
+                   cals: list[LabelCalibration], n: int = 24) -> np.ndarray:
+    """Per label, the mean s.d. of the calibrated probability of ``n`` training images under
+    mild acquisition changes (gamma 0.85 and 1.15, a 4 % zoom), at every side the probe reads.
+    Never a horizontal flip: laterality matters."""
+    import torch
+
+    pick = np.random.default_rng(cfg.seed).permutation(len(images[cfg.image_size]))[:n]
+
+    def variants(arr: np.ndarray) -> list[np.ndarray]:
+        x = arr.astype(np.float32) / 255.0
+        c = max(1, int(round(x.shape[0] * 0.02)))
+        zoom = resize(x[c:-c, c:-c], x.shape[0])
+        return [x, x ** 0.85, x ** 1.15, zoom]
+
+    feats = []
+    for side in (cfg.image_size, *cfg.probe_sizes):
+        batch = np.stack([(v * 255).round().astype(np.uint8) for i in pick for v in variants(images[side][i])])
+        feats.append(_tower_tokens(model, batch, cfg).float().mean(1))
+    with torch.no_grad():
+        logits = model.probe(torch.cat(feats, 1)).numpy().reshape(len(pick), 4, -1)
+    sd = np.zeros(logits.shape[2])
+    for j, cal in enumerate(cals):
+        p = 1.0 / (1.0 + np.exp(-(cal.a * logits[:, :, j] + cal.b)))
+        sd[j] = float(p.std(axis=1).mean())
+    return sd
 
 
 def _tower_tokens(model: Any, images: np.ndarray, cfg: TrainConfig, batch: int = 32) -> Any:

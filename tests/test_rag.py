@@ -312,7 +312,7 @@ def test_cli_draft_with_prior(tmp_path, capsys):
     query = save_png(tmp_path / "q.png", synthetic_cxr(99, left_blob=True))
     (tmp_path / "prior.txt").write_text("The lungs are clear. No pleural effusion.")
     assert main(["draft", "--index", uri, "--image", str(query), "--prior-report", str(tmp_path / "prior.txt"),
-                 "--prior-study", "s1", "-k", "4", "--json"]) == 0
+                 "--prior-study", "s1", "-k", "4", "--json", "--generator", "extractive"]) == 0
     d = json.loads(capsys.readouterr().out)
     used = {c["study_id"] for c in d["cases_used"]}
     assert "s1" not in used and len(used) == 4

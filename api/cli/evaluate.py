@@ -21,7 +21,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     er.add_argument("--seed", type=int, default=0)
     er.add_argument("--device", default="cpu")
     er.set_defaults(func=_cmd_eval_retrieval)
-    ed = ev.add_parser("draft", help="drafting quality: entity F1, BLEU-1..4, ROUGE-L, CIDEr, contradictions")
+    di = ev.add_parser("draft-images", help="drafting from images: every image of a folder drafted as `medrag draft` "
+                       "would (analog cases from an index built on another folder), scored on the folder's own truth")
+    di.add_argument("folder", help="query folder in the shared layout (labels.csv or metadata.csv beside images/)")
+    di.add_argument("--index", required=True, help="index built on another folder (its encoder reads the images)")
+    di.add_argument("--out", required=True, help="folder for draft_images.json")
+    di.add_argument("-k", type=int, default=5, help="analog cases per draft")
+    di.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for the 95%% intervals")
+    di.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    di.add_argument("--max-queries", type=int, help="draft only the first N images")
+    di.add_argument("--no-priors", action="store_true",
+                    help="do not give a patient's earlier image (same folder) as the prior")
+    di.add_argument("--device", default="cpu", help="torch device for the encoder")
+    di.set_defaults(func=_cmd_eval_draft_images)
+    ed = ev.add_parser("draft", help="drafting with ORACLE retrieval (cases found by the held-out report's own text): "
+                       "entity F1, BLEU-1..4, ROUGE-L, CIDEr, contradictions")
     ed.add_argument("manifest", help="the studies to draft (their reports are held out)")
     ed.add_argument("--out", required=True, help="folder for draft.json")
     ed.add_argument("--corpus", help="manifest to retrieve from (e.g. the train split); default: leave-one-out")
@@ -140,6 +154,16 @@ def _cmd_eval_load(a: argparse.Namespace) -> int:
             warmup=a.warmup, serve_args=serve_args)
     print(format_table(r))
     print(f"concurrency {r['concurrency']}, k={r['k']}, server start {r['server_startup_s']}s; wrote {a.out}/load.json")
+    return 0
+
+
+def _cmd_eval_draft_images(a: argparse.Namespace) -> int:
+    from eval.draft_images import evaluate_drafts, format_table
+
+    r = evaluate_drafts(a.folder, a.index, a.out, k=a.k, bootstrap=a.bootstrap, seed=a.seed, limit=a.max_queries,
+                        priors=not a.no_priors, device=a.device, progress=True)
+    print(format_table(r))
+    print(f"{r['seconds']}s; wrote {a.out}/draft_images.json")
     return 0
 
 

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="cpu")
-    sv.add_argument("--generator", choices=["extractive", "vlm", "http"], default="extractive")
+    sv.add_argument("--generator", choices=["structured", "extractive", "edit", "vlm", "http"], default="structured",
+                    help="drafter: structured (rendered from the findings table; the default), extractive or edit "
+                         "(retrieved sentences, safety-gated), vlm (--model-dir) or http (--base-url, --model)")
     sv.add_argument("--model-dir")
     sv.add_argument("--base-url")
     sv.add_argument("--model")

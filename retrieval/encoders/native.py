@@ -26,6 +26,7 @@ from retrieval.encoders.atlas import atlas_bias
 from retrieval.encoders.base import EncoderError, l2_normalise
 from retrieval.encoders.hf import _torch_device
 from retrieval.encoders.preprocess import resize
+from retrieval.encoders.reading import FindingReading, ReadingCalibration, reading_from_logits
 from retrieval.encoders.regions import BODY, region_bias, region_index, region_module
 from retrieval.encoders.towers import (
     TOWERS,
@@ -273,6 +274,7 @@ class NativeEncoder:
         self.device = _torch_device(device)
         self.model = model.to(self.device).eval()
         self._fast_tower: Any = None  # set by load(): the tower to encode with (towers.inference_copy)
+        self.reading: ReadingCalibration | None = None  # set by load() from reading.json, when trained so
         self.checkpoint = checkpoint
         self.dim = cfg.dim
         self._index = {a: i for i, a in enumerate(cfg.anatomies)}
@@ -307,6 +309,7 @@ class NativeEncoder:
         else:
             enc = cls(cfg, model, device, path)
         enc._fast_tower = inference_copy(model.tower).to(enc.device)  # a loaded checkpoint only encodes
+        enc.reading = ReadingCalibration.load(path)
         return enc
 
     @classmethod
@@ -445,6 +448,23 @@ class NativeEncoder:
         if NORMAL in self.cfg.probe_labels:
             out[:, first + self.cfg.probe_labels.index(NORMAL)] = 0.0
         return l2_normalise(out)
+
+    # ---- the image's own reading (FindingReader) ---------------------------------------------
+    def read_findings(self, images: list[np.ndarray]) -> FindingReading | None:
+        """Calibrated probabilities of the probe's findings for one study (its images' probe
+        logits averaged), with the thresholds ``medrag train`` chose inside the training images
+        (:mod:`retrieval.encoders.reading`); None without a probe or a calibration."""
+        import torch
+
+        if self.reading is None or self.model.probe is None or not images:
+            return None
+        with torch.inference_mode():
+            raw = self._tokens(images)
+            features = self._pooled(images, raw)
+            if features is None:
+                return None
+            logits = self.model.probe(features).float().cpu().numpy().mean(0)
+        return reading_from_logits(logits, self.cfg.probe_labels, self.reading)
 
     def attention_maps(self, images: Sequence[np.ndarray], anatomy: str | None = None) -> np.ndarray:
         """(n, g, g) where the condition's query looked (attention over the patch grid, sums to 1).

@@ -18,6 +18,7 @@ from retrieval.rag.extractive import (
     copy_nearest,
 )
 from retrieval.rag.mbr import CopyMBRGenerator
+from retrieval.rag.structured import StructuredGenerator
 from retrieval.rag.types import (
     DISCLAIMER,
     Draft,
@@ -30,8 +31,14 @@ from retrieval.rag.types import (
 __all__ = ["DISCLAIMER", "GENERATORS", "ConsensusEditGenerator", "ConsistencyChecker", "ContextBuilder",
            "Contradiction", "CopyMBRGenerator",
            "Draft", "DraftContext",
-           "DraftImages", "DraftSentence", "EditNearestGenerator", "ExtractiveGenerator", "Generator", "copy_nearest",
+           "DraftImages", "DraftSentence", "EditNearestGenerator", "ExtractiveGenerator", "Generator",
+           "StructuredGenerator", "copy_nearest",
            "create_generator"]
+
+
+def _structured(**_: Any) -> Generator:
+    # the default: rendered from the findings table (the query's reading + the cases' votes)
+    return StructuredGenerator()
 
 
 def _extractive(**_: Any) -> Generator:
@@ -61,12 +68,12 @@ def _http(base_url: str, model: str, api_key: str | None = None, timeout: float 
 
 
 # name -> factory; heavy generators import their dependencies only when created
-GENERATORS: dict[str, Callable[..., Generator]] = {"extractive": _extractive, "edit": _edit, "vlm": _vlm,
+GENERATORS: dict[str, Callable[..., Generator]] = {"structured": _structured, "extractive": _extractive, "edit": _edit, "vlm": _vlm,
                                                  "http": _http}
 
 
 def create_generator(kind: str, **kw: Any) -> Generator:
-    """``extractive`` | ``edit`` (retrieve-and-edit; ``base="mbr+len"``: from the MBR base) | ``vlm``
+    """``structured`` (the default: rendered from the findings table) | ``extractive`` | ``edit`` (retrieve-and-edit; ``base="mbr+len"``: from the MBR base) | ``vlm``
     (model_dir=...) | ``http`` (base_url=..., model=...)."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r} ({', '.join(GENERATORS)})")
