@@ -432,7 +432,7 @@ def train(manifest: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
 
 
 def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any,
-              train_mask: np.ndarray) -> ReadingCalibration:
+              train_mask: np.ndarray) -> ReadingCalibration | None:
     """Fit the linear probe (one class-balanced, L2-regularised logistic regression per label on
     standardised pooled tower features of the clean training images, at ``image_size`` and each
     of ``probe_sizes``) into ``model.probe``.
@@ -445,7 +445,7 @@ def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any,
     Returns the reading's calibration (:mod:`indexer.reading`): the probe refitted in
     patient-grouped folds of the same training images gives out-of-fold logits, from which each
     label's calibration, drafting thresholds and noise are chosen; nothing outside
-    ``train_mask`` is seen."""
+    ``train_mask`` is seen. None when ``data`` carries no images (the probe alone)."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -473,6 +473,8 @@ def fit_probe(model: Any, data: _Data, cfg: TrainConfig, cached_tokens: Any,
         probe.scale.copy_(torch.from_numpy(np.maximum(scaler.scale_, 1e-6).astype(np.float32)))
         probe.linear.weight.copy_(torch.from_numpy(weight))
         probe.linear.bias.copy_(torch.from_numpy(bias))
+    if getattr(data, "studies", None) is None or data.images is None:
+        return None  # the probe alone (no images to calibrate a reading on)
     owners = data.owner[train_mask]
     groups = [data.studies[i].patient_id or data.studies[i].study_id for i in owners]
     keys = tuple(model_probe_labels(data))
