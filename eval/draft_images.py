@@ -44,11 +44,11 @@ from retrieval.imaging.paths import manifest_image
 from retrieval.index import open_index
 from retrieval.rag import create_generator
 from retrieval.rag.context import ContextBuilder, copy_report
-from retrieval.rag.draft import case_labels, findings_table, read
-from retrieval.rag.findings import FindingsTable, Method, build_table, unsided_labels
+from retrieval.rag.draft import case_labels, findings_table, read, source_labels
+from retrieval.rag.findings import AnalogCase, FindingsTable, Method, build_table, unsided_labels
 from retrieval.rag.safety import KINDS, SafetyChecker, gate
 from retrieval.rag.structured import StructuredGenerator
-from retrieval.rag.types import Draft, DraftContext
+from retrieval.rag.types import Draft, DraftContext, DraftSentence
 from retrieval.records import ABSENT, LabelKey, Study
 from retrieval.search import CaseHit, Query, Searcher
 from retrieval.taxonomy import default_taxonomy
@@ -86,14 +86,7 @@ def predicted(text: str, ex: EntityExtractor) -> set[LabelKey]:
 def truth_of(study: Study, ex: EntityExtractor) -> set[LabelKey]:
     tax = ex.tax
     if study.labels is not None:
-        out = set()
-        for name in study.labels:
-            try:
-                f = tax.finding(name)
-            except ValueError:
-                continue
-            out.add(LabelKey(tax.coarse(f.anatomy), f.name))
-        return out
+        return set(source_labels(study.labels, tax))
     return predicted(study.report or "", ex)
 
 
@@ -124,8 +117,7 @@ def _render(table: FindingsTable, ctx: DraftContext) -> Draft:
     return StructuredGenerator().generate(replace(ctx, table=table))
 
 
-def _copy_nearest(hits: Sequence[CaseHit], table: FindingsTable, ex: EntityExtractor, builder: ContextBuilder,
-                  ctx: DraftContext) -> Draft:
+def _copy_nearest(hits: Sequence[CaseHit], ex: EntityExtractor, builder: ContextBuilder, ctx: DraftContext) -> Draft:
     first = next((h for h in hits if h.report or h.labels is not None), None)
     if first is None:
         return Draft(generator="copy-nearest", status="nothing_to_draft", reason="no analog case")
@@ -133,8 +125,6 @@ def _copy_nearest(hits: Sequence[CaseHit], table: FindingsTable, ex: EntityExtra
         case = ContextBuilder().build([(first.study_id, first.score, first.report)]).cases[0]
         return copy_report(case, "copy-nearest", builder)
     labels = case_labels(first, ex, ex.tax) or {}
-    from retrieval.rag.findings import AnalogCase
-
     t = build_table(None, [AnalogCase(first.study_id, 1.0, labels)], "retrieval")
     return _render(t, ctx)
 
@@ -191,7 +181,7 @@ def evaluate_drafts(folder: str | Path, index_uri: str, out_dir: str | Path, k: 
         drafts: dict[str, tuple[Draft, FindingsTable]] = {
             "normal template": (Draft(generator="normal", findings=[_plain(t) for t in NORMAL_TEMPLATE.split(". ")]),
                                 tables["both"]),
-            "copy-nearest": (_copy_nearest(hits, tables["retrieval"], ex, builder, ctx), tables["both"]),
+            "copy-nearest": (_copy_nearest(hits, ex, builder, ctx), tables["both"]),
             "image reading": (_render(tables["image"], ctx), tables["image"]),
             "retrieval": (_render(tables["retrieval"], ctx), tables["retrieval"]),
             OURS: (_render(tables["both"], ctx), tables["both"]),
@@ -221,9 +211,7 @@ def evaluate_drafts(folder: str | Path, index_uri: str, out_dir: str | Path, k: 
     return result
 
 
-def _plain(text: str) -> Any:
-    from retrieval.rag.types import DraftSentence
-
+def _plain(text: str) -> DraftSentence:
     return DraftSentence(text.rstrip(".") + ".", ())
 
 

@@ -20,6 +20,7 @@ from retrieval.encoders.reading import PRESENT_PRECISION, LabelCalibration, Read
 from retrieval.records import Study
 
 INNER_FOLDS = 5
+NOISE_IMAGES = 24  # training images the reading's noise is measured on
 MIN_POSITIVES = 5  # fewer positives than this in the training images: the label is never stated
 
 
@@ -58,6 +59,21 @@ def thresholds(p: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
     return uncertain_at, present_at
 
 
+def acquisition_variants(image: np.ndarray) -> list[np.ndarray]:
+    """An image (floats in [0, 1]) as mild acquisition changes would show it: itself, gamma 0.85
+    and 1.15, a 4 % zoom. Never a horizontal flip: laterality matters."""
+    cut = max(1, int(round(min(image.shape) * 0.02)))
+    from retrieval.encoders.preprocess import resize
+
+    return [image, image ** 0.85, image ** 1.15, resize(image[cut:-cut, cut:-cut], max(image.shape))]
+
+
+def noise_sd(logits: np.ndarray, cals: Sequence[LabelCalibration]) -> np.ndarray:
+    """Per label, the mean over images of the calibrated probability's s.d. across the variants
+    of :func:`acquisition_variants`; ``logits`` is (images, variants, labels)."""
+    return np.array([float(c.probabilities(logits[:, :, j]).std(axis=1).mean()) for j, c in enumerate(cals)])
+
+
 def fit_reading(x: np.ndarray, y: np.ndarray, groups: Sequence[str], keys: Sequence[str], c: float,
                 noise: Callable[[list[LabelCalibration]], np.ndarray] | None = None,
                 seed: int = 0) -> ReadingCalibration:
@@ -87,8 +103,7 @@ def fit_reading(x: np.ndarray, y: np.ndarray, groups: Sequence[str], keys: Seque
             lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(x[tr], yj[tr])
             oof[te] = lr.decision_function(x[te])
         a, b = _platt(oof, yj)
-        p = 1.0 / (1.0 + np.exp(-(a * oof + b)))
-        u, pr = thresholds(p, yj)
+        u, pr = thresholds(LabelCalibration(key, a, b, 0.0, None, 0.0).probabilities(oof), yj)
         cals.append(LabelCalibration(key, a, b, u, pr, 0.05, _auc(oof, yj), pos))
     if noise is not None:
         sd = noise(cals)
@@ -141,23 +156,13 @@ def calibrate_checkpoint(checkpoint: str | Path, manifest: str | Path, c: float,
     y_arr = np.asarray(targets)
 
     def noise(cals: list[LabelCalibration]) -> np.ndarray:
-        from retrieval.encoders.preprocess import resize
-
-        pick = np.random.default_rng(seed).permutation(len(images))[:24]
+        pick = np.random.default_rng(seed).permutation(len(images))[:NOISE_IMAGES]
         logits = []
         for i in pick:
-            im = images[i]
-            cut = max(1, int(round(min(im.shape) * 0.02)))
-            zoom = resize(im[cut:-cut, cut:-cut], max(im.shape))
-            vs = [im, im ** 0.85, im ** 1.15, zoom]
+            vs = acquisition_variants(images[i])
             with torch.inference_mode():
                 logits.append(probe(enc._pooled(vs, enc._tokens(vs))).float().cpu().numpy())
-        lg = np.stack(logits)  # (n, 4, labels)
-        sd = np.zeros(lg.shape[2])
-        for j, cal in enumerate(cals):
-            p = 1.0 / (1.0 + np.exp(-(cal.a * lg[:, :, j] + cal.b)))
-            sd[j] = float(p.std(axis=1).mean())
-        return sd
+        return noise_sd(np.stack(logits), cals)
 
     cal = fit_reading(x, y_arr, groups, keys, c, noise=noise, seed=seed)
     cal.save(checkpoint)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from indexer.manifest import read_manifest
-from indexer.reading import fit_reading
+from indexer.reading import NOISE_IMAGES, acquisition_variants, fit_reading, noise_sd
 from retrieval.encoders.native import (
     GLOBAL,
     NORMAL,
@@ -490,31 +490,20 @@ def model_probe_labels(data: _Data) -> list[str]:
 
 
 def _reading_noise(model: Any, images: dict[int, np.ndarray], cfg: TrainConfig,
-                   cals: list[LabelCalibration], n: int = 24) -> np.ndarray:
-    """Per label, the mean s.d. of the calibrated probability of ``n`` training images under
-    mild acquisition changes (gamma 0.85 and 1.15, a 4 % zoom), at every side the probe reads.
-    Never a horizontal flip: laterality matters."""
+                   cals: list[LabelCalibration]) -> np.ndarray:
+    """The reading's noise (:func:`indexer.reading.noise_sd`) on ``NOISE_IMAGES`` training images,
+    each under :func:`indexer.reading.acquisition_variants` at every side the probe reads."""
     import torch
 
-    pick = np.random.default_rng(cfg.seed).permutation(len(images[cfg.image_size]))[:n]
-
-    def variants(arr: np.ndarray) -> list[np.ndarray]:
-        x = arr.astype(np.float32) / 255.0
-        c = max(1, int(round(x.shape[0] * 0.02)))
-        zoom = resize(x[c:-c, c:-c], x.shape[0])
-        return [x, x ** 0.85, x ** 1.15, zoom]
-
+    pick = np.random.default_rng(cfg.seed).permutation(len(images[cfg.image_size]))[:NOISE_IMAGES]
     feats = []
     for side in (cfg.image_size, *cfg.probe_sizes):
-        batch = np.stack([(v * 255).round().astype(np.uint8) for i in pick for v in variants(images[side][i])])
+        batch = np.stack([(v * 255).round().astype(np.uint8) for i in pick
+                          for v in acquisition_variants(images[side][i].astype(np.float32) / 255.0)])
         feats.append(_tower_tokens(model, batch, cfg).float().mean(1))
     with torch.no_grad():
         logits = model.probe(torch.cat(feats, 1)).numpy().reshape(len(pick), 4, -1)
-    sd = np.zeros(logits.shape[2])
-    for j, cal in enumerate(cals):
-        p = 1.0 / (1.0 + np.exp(-(cal.a * logits[:, :, j] + cal.b)))
-        sd[j] = float(p.std(axis=1).mean())
-    return sd
+    return noise_sd(logits, cals)
 
 
 def _tower_tokens(model: Any, images: np.ndarray, cfg: TrainConfig, batch: int = 32) -> Any:

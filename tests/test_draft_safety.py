@@ -77,3 +77,18 @@ def test_thresholds_follow_out_of_fold_scores():
     y = np.array([1, 1, 1, 0, 0, 0, 1, 1, 0, 1])
     u, pr = thresholds(p, y)
     assert u == 0.6 and pr == 0.6  # separable: the best F1 cut is also precise enough
+
+
+def test_noise_variants_keep_laterality_and_measure_spread():
+    from indexer.reading import acquisition_variants, noise_sd
+    from retrieval.encoders.reading import LabelCalibration
+
+    img = np.zeros((64, 64), np.float32)
+    img[:, :20] = 0.8  # bright on the image's left
+    vs = acquisition_variants(img)
+    assert len(vs) == 4 and all(v.shape == img.shape for v in vs) and np.array_equal(vs[0], img)
+    assert all(v[:, :16].mean() > v[:, -16:].mean() for v in vs)  # never flipped
+    cal = LabelCalibration("pleura|effusion", 1.0, 0.0, 0.3, None, 0.0)
+    still = np.zeros((3, 4, 1))
+    moving = np.array([[[-2.0], [0.0], [2.0], [0.0]]] * 3)
+    assert noise_sd(still, [cal])[0] == 0.0 and noise_sd(moving, [cal])[0] > 0.2

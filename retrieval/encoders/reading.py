@@ -25,7 +25,6 @@ by hand. The probe reads no side (NIH labels carry none), so a reading states *w
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -54,8 +53,12 @@ class LabelCalibration:
     positives: int = 0  # training images carrying the label
 
     def calibrate(self, logit: float) -> float:
-        z = self.a * logit + self.b
-        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+        return float(self.probabilities(np.asarray(logit)))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of an array of probe logits (any shape)."""
+        z = np.clip(self.a * np.asarray(logits, dtype=np.float64) + self.b, -50.0, 50.0)
+        return np.asarray(1.0 / (1.0 + np.exp(-z)))
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,21 @@ def case_labels(hit: CaseHit, ex: EntityExtractor, tax: Taxonomy) -> dict[LabelK
     if hit.report and hit.report.strip():
         return unsided_labels(coarse_labels(ex.extract(hit.report), tax), tax)
     if hit.labels is not None:
-        found = []
-        for name in hit.labels:
-            try:
-                f = tax.finding(name)
-            except ValueError:
-                continue
-            found.append(Label(tax.coarse(f.anatomy), f.name, PRESENT))
-        return collapse(found)
+        return source_labels(hit.labels, tax)
     return None
+
+
+def source_labels(names: Sequence[str], tax: Taxonomy) -> dict[LabelKey, Status]:
+    """A labelled source's label names (NIH "Effusion") as present coarse keys; names outside the
+    taxonomy (NIH "No Finding") state nothing."""
+    found = []
+    for name in names:
+        try:
+            f = tax.finding(name)
+        except ValueError:
+            continue
+        found.append(Label(tax.coarse(f.anatomy), f.name, PRESENT))
+    return collapse(found)
 
 
 def read(searcher: Searcher, images: Sequence[np.ndarray]) -> FindingReading | None:
